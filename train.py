@@ -1,0 +1,32 @@
+"""Trains an AdaFace model: `python train.py --config configs/X.py --workdir DIR`.
+
+Fields of the config are overridden on the command line, e.g.
+`--config.head.m=0.5 --config.data.batch_size=256`; a misspelt field is an
+error. Rerunning the same command resumes from the newest checkpoint in
+--workdir. Training ends with the config's verification set, if any.
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from adaface_jax import reporting
+from adaface_jax import train_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file (a get_config() module).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Folder for checkpoints, logs and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  reporting.quiet_library_logs()
+  train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
