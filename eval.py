@@ -1,4 +1,4 @@
-"""Evaluates a trained run: `python eval.py --config configs/X.py --workdir DIR`.
+"""Evaluates a run: `python eval.py --config configs/X.py --workdir DIR`.
 
 Embeds both images of every pair of the config's verification set (with
 flip fusion), reports the k-fold verification accuracy, and writes the

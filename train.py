@@ -1,4 +1,4 @@
-"""Trains an AdaFace model: `python train.py --config configs/X.py --workdir DIR`.
+"""Trains AdaFace: `python train.py --config configs/X.py --workdir DIR`.
 
 Fields of the config are overridden on the command line, e.g.
 `--config.head.m=0.5 --config.data.batch_size=256`; a misspelt field is an

@@ -223,7 +223,8 @@ class BackboneSpec:
   stage_widths: tuple[int, ...]
 
 
-def resolve_spec(name: str, stage_units=None, stage_widths=None) -> BackboneSpec:
+def resolve_spec(name: str, stage_units=None,
+                 stage_widths=None) -> BackboneSpec:
   """Looks up `name` and applies optional width/depth overrides.
 
   Args:

@@ -1,6 +1,5 @@
 """Verification of a trained model on an LFW-format pairs file."""
 
-import dataclasses
 import json
 import os
 import time
@@ -8,7 +7,6 @@ from typing import Any
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm

@@ -1,20 +1,15 @@
 """Training: the train state, one jitted step, and the loop around it."""
 
 import functools
-import json
-import math
 import os
 import signal
-import time
 from typing import Any
 
 from absl import logging
-import flax
 from flax.training import train_state as train_state_lib
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from adaface_jax import checkpointing
@@ -91,9 +86,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
       "grad_norm": optim.tree_l2_norm(grads),
       "param_norm": optim.tree_l2_norm(new_state.params),
   }
-  for key in ("batch_mean", "batch_std"):
-    if key in aux:
-      metrics[f"norm_ema_{key.split('_')[1]}"] = jnp.squeeze(aux[key])
+  if "head" in state.batch_stats:  # Only AdaFace keeps norm statistics.
+    metrics["norm_ema_mean"] = jnp.squeeze(aux["batch_mean"])
+    metrics["norm_ema_std"] = jnp.squeeze(aux["batch_std"])
   return new_state, metrics
 
 

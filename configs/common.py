@@ -20,7 +20,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.kind = "image_folder"
   config.data.root = ""
   config.data.manifest = ""
-  # Comma-separated column=value conditions on manifest rows, e.g. "roles=train".
+  # Comma-separated column=value conditions on manifest rows, such as
+  # "roles=train".
   config.data.manifest_filters = ""
   # CSV of five-point landmarks (path + 10 columns, paths relative to
   # data.root, else to the CSV's folder) for data.alignment.
