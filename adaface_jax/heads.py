@@ -332,6 +332,72 @@ class MarginHead(nn.Module):
     return logits, aux
 
 
+def clamped_cosine(embeddings: jax.Array, kernel: jax.Array,
+                   eps: float) -> jax.Array:
+  """(B, C) cosines of unit embeddings and kernel columns, clamped to
+  [-1 + eps, 1 - eps], in float32 at least (the heads' first step)."""
+  return _cosine(embeddings, kernel, eps, _compute_dtype(embeddings, kernel))
+
+
+def clip_feature_norms(feature_norms: jax.Array) -> jax.Array:
+  """Feature norms clipped to [1e-3, 100], without gradient (AdaFace)."""
+  safe_norms = _clamp(feature_norms, _NORM_MIN, _NORM_MAX)
+  return jax.lax.stop_gradient(safe_norms)
+
+
+def update_norm_stats(batch_mean: jax.Array, batch_std: jax.Array,
+                      norm_stats: NormStats, t_alpha: float) -> NormStats:
+  """Running statistics moved towards a batch's mean and (unbiased) std.
+
+  The building block of `adaface_logits` for callers that compute the batch
+  moments themselves, e.g. over a batch sharded across devices.
+  """
+  norm_stats = jax.lax.stop_gradient(norm_stats)
+  new_mean = t_alpha * batch_mean + (1.0 - t_alpha) * norm_stats["batch_mean"]
+  new_std = t_alpha * batch_std + (1.0 - t_alpha) * norm_stats["batch_std"]
+  return {
+      "batch_mean": new_mean.astype(norm_stats["batch_mean"].dtype),
+      "batch_std": new_std.astype(norm_stats["batch_std"].dtype),
+  }
+
+
+def margin_scaler(safe_norms: jax.Array, norm_stats: NormStats, h: float,
+                  eps: float = 1e-3) -> jax.Array:
+  """(B, 1) AdaFace image-quality indicator z in [-1, 1]."""
+  return _margin_scaler(safe_norms, norm_stats, h, eps)
+
+
+def apply_margin(kind: str, cosine: jax.Array, onehot: jax.Array,
+                 scaler: jax.Array | None, *, m: float, s: float,
+                 eps: float) -> jax.Array:
+  """Scaled logits from clamped cosines, with the margin at the target.
+
+  Args:
+    kind: one of `HEAD_KINDS`.
+    cosine: (B, C) clamped cosines (`clamped_cosine`).
+    onehot: (B, C) target indicator; an all-zero row gets no margin (a
+      class block that does not own the sample's label).
+    scaler: (B, 1) AdaFace margin scaler z; ignored by the other heads.
+    m, s, eps: margin, scale and angle clip of the head.
+
+  Returns:
+    (B, C) logits, exactly as the corresponding `*_logits` function.
+  """
+  if kind == "adaface":
+    cosine = _shift_angle(cosine, onehot * (-m * scaler), eps)
+    return s * (cosine - onehot * (m + m * scaler))
+  if kind == "cosface":
+    return s * (cosine - m * onehot)
+  if kind == "arcface":
+    return s * _shift_angle(cosine, m * onehot, eps)
+  raise ValueError(f"head kind={kind!r} is not one of {HEAD_KINDS}")
+
+
+def default_eps(kind: str) -> float:
+  """The reference's clamp eps: 1e-3 for AdaFace, 1e-4 for the others."""
+  return 1e-3 if kind == "adaface" else 1e-4
+
+
 def _compute_dtype(*arrays: jax.Array) -> Any:
   """float32 at least: bf16 inputs are cast up, float64 stays float64."""
   return jnp.result_type(jnp.float32, *(a.dtype for a in arrays))

@@ -55,7 +55,8 @@ class Reporter:
     else:
       logging.info(text)
 
-  def describe_run(self, config, index, num_classes, state, start_step):
+  def describe_run(self, config, index, num_classes, state, start_step,
+                   mesh=None):
     """Logs once what is about to be trained."""
     d = self._durations
     params = state.params
@@ -68,7 +69,9 @@ class Reporter:
     self.message(
         f"Model: {config.model.name} backbone {backbone:,} parameters, head "
         f"{head:,}; devices: {jax.device_count()} "
-        f"({jax.devices()[0].platform})")
+        f"({jax.devices()[0].platform}), mesh "
+        f"{dict(mesh.shape) if mesh is not None else '-'}, processes: "
+        f"{jax.process_count()}")
     self.message(
         f"Schedule: {d.total_steps} steps of {self._global_batch_size} images "
         f"({d.steps_per_epoch} steps per epoch), lr boundaries at steps "
@@ -164,9 +167,13 @@ class _OwnInfoOnly(logging_std.Filter):
   _OWN = (f"{os.sep}adaface_jax{os.sep}", f"{os.sep}data_pipeline{os.sep}",
           f"{os.sep}train.py", f"{os.sep}eval.py")
 
+  # Warnings Orbax gives for situations this project creates on purpose.
+  _NOISE = ("Given directory is read only", "Metadata file does not exist")
+
   def filter(self, record: logging_std.LogRecord) -> bool:
     if record.levelno >= logging_std.WARNING:
-      return "Given directory is read only" not in record.getMessage()
+      message = record.getMessage()
+      return not any(noise in message for noise in self._NOISE)
     return any(part in record.pathname for part in self._OWN)
 
 
