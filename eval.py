@@ -1,9 +1,15 @@
 """Evaluates a run: `python eval.py --config configs/X.py --workdir DIR`.
 
-Embeds both images of every pair of the config's verification set (with
-flip fusion), reports the k-fold verification accuracy, and writes the
-figures to <workdir>/eval_results.json. `--step` picks a checkpoint other
-than the newest.
+Runs every evaluation set the config enables (an LFW-format pairs file,
+verification `.bin`s, IJB-B/C, TinyFace; see `config.eval`), prints their
+tables, records every figure in <workdir>/eval_results.json and draws ROC
+curves into <workdir>/eval_plots. `--step` picks a checkpoint other than the
+newest, `--sets` a subset of the sets; `--workdir DIR/best` evaluates the
+best step kept during training. Example:
+
+  python eval.py --config configs/adaface_ir101.py --workdir runs/ir101 \
+      --config.eval.sets.cfp_fp.path=/data/faces_emore/cfp_fp.bin \
+      --config.eval.sets.ijbc.path=/data/IJB_release
 """
 
 from absl import app
@@ -19,6 +25,9 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "The training run's folder.")
 _STEP = flags.DEFINE_integer(
     "step", None, "Checkpoint step to evaluate; the newest by default.")
+_SETS = flags.DEFINE_list(
+    "sets", None, "Names of the evaluation sets to run; all enabled ones by "
+    "default.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,7 +35,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   reporting.quiet_library_logs()
-  eval_lib.evaluate(_CONFIG.value, _WORKDIR.value, _STEP.value)
+  eval_lib.evaluate(_CONFIG.value, _WORKDIR.value, _STEP.value, _SETS.value)
 
 
 if __name__ == "__main__":

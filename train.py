@@ -10,6 +10,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from adaface_jax import distributed
 from adaface_jax import reporting
 from adaface_jax import train_lib
 
@@ -18,6 +19,15 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Folder for checkpoints, logs and results.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "",
+    "host:port of process 0, when several processes train together.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", 1, "Processes training together (one per host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's rank.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False,
+    "Let JAX detect the cluster (TPU pod slices, SLURM) and connect.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -25,6 +35,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   reporting.quiet_library_logs()
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                         _PROCESS_ID.value, _MULTIHOST.value)
   train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -156,6 +156,8 @@ class IResNet(nn.Module):
     dtype: computation dtype of convolutions and the dense layer; batch
       statistics and parameters stay float32.
     unbiased_running_var: BatchNorm running variance as PyTorch updates it.
+    remat_stages: stages (0-based) whose units recompute their activations
+      in the backward pass instead of keeping them (memory for compute).
   """
 
   stage_units: Sequence[int] = STAGE_UNITS["ir_50"]
@@ -164,6 +166,7 @@ class IResNet(nn.Module):
   dropout_rate: float = 0.4
   dtype: jnp.dtype = jnp.float32
   unbiased_running_var: bool = True
+  remat_stages: Sequence[int] = ()
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False):
@@ -190,10 +193,17 @@ class IResNet(nn.Module):
     x = PReLU(name="input_layer_prelu")(x)
 
     index = 0
-    for units, width in zip(self.stage_units, self.stage_widths):
+    for stage, (units, width) in enumerate(
+        zip(self.stage_units, self.stage_widths)):
+      unit_type = IRUnit
+      if stage in self.remat_stages:
+        # `train` (argument 2, counting the module) steers Python control
+        # flow, so it must stay static under the checkpoint.
+        unit_type = nn.remat(IRUnit, static_argnums=(2,))
       for unit in range(units):
-        x = IRUnit(width, 2 if unit == 0 else 1, self.dtype,
-                   self.unbiased_running_var, name=f"body_{index}")(x, train)
+        x = unit_type(width, 2 if unit == 0 else 1, self.dtype,
+                      self.unbiased_running_var, name=f"body_{index}")(
+                          x, train)
         index += 1
 
     x = norm("output_layer_bn2d")(x, train)

@@ -48,13 +48,18 @@ def save(manager: ocp.CheckpointManager, state, data_iterator) -> None:
   manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
-def _saved_shapes(manager: ocp.CheckpointManager, step: int):
-  """{path: shape} of the arrays saved in a step's `state` item."""
+def _saved_metadata(manager: ocp.CheckpointManager, step: int):
+  """The tree of array metadata (shape, dtype) of a step's `state` item."""
   directory = os.path.join(str(manager.directory), str(step), "state")
   metadata = ocp.StandardCheckpointer().metadata(directory)
-  tree = getattr(metadata, "item_metadata", metadata)
+  return getattr(metadata, "item_metadata", metadata)
+
+
+def _saved_shapes(manager: ocp.CheckpointManager, step: int):
+  """{path: shape} of the arrays saved in a step's `state` item."""
   flat = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+      _saved_metadata(manager, step),
+      is_leaf=lambda x: hasattr(x, "shape"))[0]
   return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
 
 
@@ -184,9 +189,16 @@ def load_variables(workdir: str, step: int | None = None) -> tuple[
   if step is None:
     raise FileNotFoundError(
         f"{checkpoint_dir(workdir)!r} holds no finished checkpoint")
+  # The run may have used another device topology: read every array onto
+  # this process's first device.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  template = jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                        sharding=device),
+      _saved_metadata(manager, step), is_leaf=lambda x: hasattr(x, "shape"))
   restored = manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  state = restored["state"]
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(template)))
+  state = jax.device_get(restored["state"])
   manager.close()
   return {"params": state["params"],
           "batch_stats": state["batch_stats"]}, step

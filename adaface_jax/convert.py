@@ -610,8 +610,8 @@ def export_checkpoint(checkpoint: str, config: ml_collections.ConfigDict,
       head_params["kernel"])[-1]:
     # Training pads the class axis to a multiple of the model-axis size;
     # the padding columns are not classes.
-    head_params = dict(head_params,
-                       kernel=np.asarray(head_params["kernel"])[:, :num_classes])
+    kernel = np.asarray(head_params["kernel"])[:, :num_classes]
+    head_params = dict(head_params, kernel=kernel)
   head_sd = head_to_torch(head_params, stats.get("head"), config.head.name)
 
   state_dict = collections.OrderedDict(

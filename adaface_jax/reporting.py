@@ -35,12 +35,17 @@ class Reporter:
   """Collects timing and metrics of one training run and writes them out."""
 
   def __init__(self, workdir: str, durations: optim.Durations,
-               global_batch_size: int, show_progress: bool = True):
+               global_batch_size: int, show_progress: bool = True,
+               enabled: bool = True):
+    """`enabled=False` (processes other than the first) writes nothing."""
+    self._enabled = enabled
     self._durations = durations
     self._global_batch_size = global_batch_size
-    self._metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self._metrics_file = None
+    if enabled:
+      self._metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a")
     self._bar = None
-    if show_progress and sys.stderr.isatty():
+    if enabled and show_progress and sys.stderr.isatty():
       self._bar = tqdm.tqdm(total=durations.total_steps, unit="step",
                             dynamic_ncols=True, leave=False)
     self._loop_start = time.perf_counter()
@@ -50,6 +55,8 @@ class Reporter:
 
   def message(self, text: str) -> None:
     """A line for the user that does not break the progress bar."""
+    if not self._enabled:
+      return
     if self._bar is not None:
       self._bar.write(text)
     else:
@@ -146,6 +153,8 @@ class Reporter:
     return " | ".join(parts)
 
   def _write_jsonl(self, summary: dict) -> None:
+    if self._metrics_file is None:
+      return
     row = {k: (v if math.isfinite(v) else None) if isinstance(v, float) else v
            for k, v in summary.items()}
     self._metrics_file.write(json.dumps(row) + "\n")
@@ -154,7 +163,8 @@ class Reporter:
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
-    self._metrics_file.close()
+    if self._metrics_file is not None:
+      self._metrics_file.close()
 
 
 class _OwnInfoOnly(logging_std.Filter):

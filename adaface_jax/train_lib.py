@@ -1,23 +1,29 @@
 """Training: the train state, one jitted step, and the loop around it."""
 
+import collections
 import functools
 import os
 import signal
+import time
 from typing import Any
 
 from absl import logging
 from flax.training import train_state as train_state_lib
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
 from adaface_jax import checkpointing
+from adaface_jax import classifier
+from adaface_jax import distributed
 from adaface_jax import eval_lib
-from adaface_jax import heads
 from adaface_jax import model as model_lib
 from adaface_jax import optim
 from adaface_jax import reporting
+from adaface_jax import sharding as sharding_lib
+from data_pipeline import augment
 from data_pipeline import builder
 from data_pipeline import pipeline
 from data_pipeline import sources
@@ -35,51 +41,107 @@ class TrainState(train_state_lib.TrainState):
 
 def create_train_state(model: model_lib.FaceRecognitionModel,
                        tx: optax.GradientTransformation, rng: jax.Array,
-                       image_size: int) -> TrainState:
-  """Initialises parameters, statistics and optimizer state on device."""
+                       image_size: int,
+                       mesh: jax.sharding.Mesh | None = None) -> TrainState:
+  """Initialises parameters, statistics and optimizer state.
 
-  @jax.jit
+  With a mesh, the state is born sharded (`sharding.state_shardings`): the
+  classifier kernel and its optimizer state split along classes.
+  """
+
   def init(rng):
     variables = model_lib.init_variables(model, rng, image_size)
     return TrainState.create(
         apply_fn=model.apply, params=variables["params"], tx=tx,
         batch_stats=variables["batch_stats"])
-  return init(rng)
+  if mesh is None:
+    return jax.jit(init)(rng)
+  shardings = sharding_lib.state_shardings(jax.eval_shape(init, rng), mesh)
+  return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def create_margin_loss(config: ml_collections.ConfigDict, num_classes: int,
+                       global_batch_size: int) -> classifier.MarginSoftmax:
+  """The classifier loss that `config.head` describes."""
+  head = config.head
+  num_sampled = head.num_sampled_classes
+  if 0 < num_sampled < global_batch_size:
+    raise ValueError(
+        f"head.num_sampled_classes={num_sampled} must be 0 (no sampling) or "
+        f"at least the global batch ({global_batch_size}), so that every "
+        "positive class of a batch is kept")
+  return classifier.MarginSoftmax(
+      kind=head.name, num_classes=num_classes, m=head.m, h=head.h, s=head.s,
+      t_alpha=head.t_alpha, per_device_norm_stats=head.per_device_norm_stats,
+      num_sampled=num_sampled)
+
+
+def _head_stats(batch_stats) -> dict[str, jax.Array]:
+  """AdaFace's running statistics, or zeros for heads without them."""
+  if "head" in batch_stats:
+    return batch_stats["head"]
+  zero = jnp.zeros((1,), jnp.float32)
+  return {"batch_mean": zero, "batch_std": zero}
+
+
+def loss_and_grads(state: TrainState, batch: dict[str, jax.Array],
+                   rng: jax.Array, margin_loss):
+  """Loss, gradients w.r.t. the params, and the step's side outputs.
+
+  Args:
+    state: the current train state.
+    batch: "image" [batch, s, s, 3] uint8 BGR, "label" [batch] int32.
+    rng: per-step key (dropout, class sampling).
+    margin_loss: the (sharded) classifier loss, `MarginSoftmax.loss_fn`.
+
+  Returns:
+    loss, grads, new batch_stats (backbone BN and AdaFace statistics) and a
+    dict of auxiliary outputs.
+  """
+  dropout_rng, sample_rng = jax.random.split(rng)
+
+  def loss_fn(params):
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    (embeddings, feature_norms), new_model_state = state.apply_fn(
+        variables, batch["image"], train=True, method="embed",
+        mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+    loss, aux = margin_loss(
+        embeddings, feature_norms, batch["label"], params["head"]["kernel"],
+        _head_stats(state.batch_stats), sample_rng)
+    return loss, (new_model_state["batch_stats"], aux, feature_norms)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (loss, (batch_stats, aux, feature_norms)), grads = grad_fn(state.params)
+  batch_stats = dict(batch_stats)
+  if "head" in batch_stats:
+    batch_stats["head"] = aux["norm_stats"]
+  return loss, grads, batch_stats, dict(aux, feature_norms=feature_norms)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array],
-               rng: jax.Array, learning_rate_fn: optax.Schedule):
+               rng: jax.Array, learning_rate_fn: optax.Schedule,
+               margin_loss):
   """One SGD update on a batch.
 
   Args:
     state: the current train state (donated).
     batch: "image" [batch, s, s, 3] uint8 BGR, "label" [batch] int32.
-    rng: the run's base key; the step is folded in for dropout.
+    rng: the run's base key; the step is folded in.
     learning_rate_fn: the schedule, for logging the rate used.
+    margin_loss: the classifier loss (`MarginSoftmax.loss_fn(mesh)`).
 
   Returns:
     The new state and a dict of scalar metrics (still on device).
   """
-  dropout_rng = jax.random.fold_in(rng, state.step)
-  labels = batch["label"]
-
-  def loss_fn(params):
-    variables = {"params": params, "batch_stats": state.batch_stats}
-    (logits, aux), new_model_state = state.apply_fn(
-        variables, batch["image"], labels, train=True,
-        mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-    loss = heads.cross_entropy_loss(logits, labels)
-    return loss, (new_model_state, logits, aux)
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss, (new_model_state, logits, aux)), grads = grad_fn(state.params)
-  new_state = state.apply_gradients(
-      grads=grads, batch_stats=new_model_state["batch_stats"])
+  step_rng = jax.random.fold_in(rng, state.step)
+  loss, grads, batch_stats, aux = loss_and_grads(
+      state, batch, step_rng, margin_loss)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
 
   feature_norms = aux["feature_norms"]
   metrics = {
       "loss": loss,
-      "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+      "accuracy": aux["accuracy"],
       "lr": learning_rate_fn(state.step),
       "feature_norm_mean": jnp.mean(feature_norms),
       "feature_norm_std": jnp.std(feature_norms, ddof=1),
@@ -87,9 +149,122 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
       "param_norm": optim.tree_l2_norm(new_state.params),
   }
   if "head" in state.batch_stats:  # Only AdaFace keeps norm statistics.
-    metrics["norm_ema_mean"] = jnp.squeeze(aux["batch_mean"])
-    metrics["norm_ema_std"] = jnp.squeeze(aux["batch_std"])
+    metrics["norm_ema_mean"] = jnp.squeeze(batch_stats["head"]["batch_mean"])
+    metrics["norm_ema_std"] = jnp.squeeze(batch_stats["head"]["batch_std"])
+    metrics["margin_scaler_mean"] = aux["margin_scaler"]
   return new_state, metrics
+
+
+def compile_train_step(learning_rate_fn, margin_loss, mesh, abstract_state):
+  """jit of `train_step` with the mesh's shardings, the state donated."""
+  state_shardings = sharding_lib.state_shardings(abstract_state, mesh)
+  replicated = sharding_lib.replicated(mesh)
+  return jax.jit(
+      functools.partial(train_step, learning_rate_fn=learning_rate_fn,
+                        margin_loss=margin_loss),
+      in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh),
+                    replicated),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=(0,))
+
+
+def enable_compilation_cache(cache_dir: str) -> None:
+  """Keeps compiled programs in `cache_dir` (created) across processes.
+
+  A rerun or resume with the same model, shapes, devices and JAX version
+  loads the train step from there instead of compiling it. Programs are
+  cached whatever their compile time. "" leaves JAX's setting as it is.
+  """
+  if not cache_dir:
+    return
+  cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
+  os.makedirs(cache_dir, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def with_remat(model: model_lib.FaceRecognitionModel,
+               stages) -> model_lib.FaceRecognitionModel:
+  """The model with the backbone stages `stages` rematerialised.
+
+  Raises:
+    ValueError: naming `model.remat` when a stage does not exist.
+  """
+  stages = tuple(int(s) for s in stages)
+  num_stages = len(model.backbone.stage_units)
+  if any(not 0 <= s < num_stages for s in stages):
+    raise ValueError(
+        f"model.remat={stages} names stages outside 0..{num_stages - 1}")
+  if not stages:
+    return model
+  return model.clone(backbone=model.backbone.clone(remat_stages=stages))
+
+
+class CompileOnFirstCall:
+  """A jitted function compiled ahead of its first call, the time logged.
+
+  Later calls go straight to the compiled executable, so a changed input
+  shape or sharding is an error instead of a silent recompilation.
+  """
+
+  def __init__(self, jitted, name: str, log=logging.info):
+    self._jitted = jitted
+    self._name = name
+    self._log = log
+    self._compiled = None
+    self.compile_seconds = None
+
+  def __call__(self, *args):
+    if self._compiled is None:
+      start = time.perf_counter()
+      self._compiled = self._jitted.lower(*args).compile()
+      self.compile_seconds = time.perf_counter() - start
+      cache_dir = jax.config.jax_compilation_cache_dir
+      cache = f"; compilation cache {cache_dir}" if cache_dir else ""
+      self._log(f"Compiled the {self._name} in {self.compile_seconds:.1f} s"
+                f"{cache}")
+    return self._compiled(*args)
+
+
+class DevicePrefetch(grain.DatasetIterator):
+  """Host batches turned into global device arrays `size` steps ahead.
+
+  The transfer of the next batches then overlaps the running step. Keys in
+  `host_keys` stay host numpy. The checkpointed state is that of the last
+  batch handed out, not of the ones waiting, so a resume neither skips nor
+  repeats data.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, mesh: jax.sharding.Mesh,
+               size: int, host_keys=()):
+    super().__init__(parent)
+    self._mesh = mesh
+    self._size = max(int(size), 0)
+    self._host_keys = tuple(host_keys)
+    self._queue = collections.deque()
+    self._state = parent.get_state()
+
+  def _put(self, host_batch: dict) -> dict:
+    device = {k: v for k, v in host_batch.items() if k not in self._host_keys}
+    batch = sharding_lib.global_batch(device, self._mesh)
+    batch.update({k: host_batch[k] for k in self._host_keys
+                  if k in host_batch})
+    return batch
+
+  def __next__(self) -> dict:
+    while len(self._queue) <= self._size:
+      batch = self._put(next(self._parent))
+      self._queue.append((batch, self._parent.get_state()))
+    batch, self._state = self._queue.popleft()
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return self._state
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state)
+    self._queue.clear()
+    self._state = state
 
 
 def resolve_num_classes(config: ml_collections.ConfigDict,
@@ -157,25 +332,38 @@ def write_config(config: ml_collections.ConfigDict, workdir: str,
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (or resumes training) in `workdir` and returns the final state."""
   os.makedirs(workdir, exist_ok=True)
+  enable_compilation_cache(config.compilation_cache_dir)
   index = builder.build_train_index(config.data, workdir)
   num_classes = resolve_num_classes(config, index)
+  # Recorded in config.json, so conversion and evaluation know the real
+  # count when the config said 0 (from the data).
+  config = config.copy_and_resolve_references()
+  config.head.num_classes = num_classes
 
+  mesh = sharding_lib.create_mesh(config.mesh)
   process_count = jax.process_count()
-  if config.data.batch_size % process_count:
+  if config.data.batch_size % mesh.size:
     raise ValueError(
         f"data.batch_size={config.data.batch_size} is not divisible by the "
-        f"{process_count} processes")
+        f"{mesh.size} devices of the mesh")
   local_batch_size = config.data.batch_size // process_count
   durations = optim.resolve_durations(
       config.schedule, len(index), config.data.batch_size)
   learning_rate_fn = optim.create_learning_rate_fn(
       config.optimizer.lr, durations, config.schedule.lr_decay_factor)
 
-  model = model_lib.create_model(config, num_classes)
+  # The kernel gets equal class blocks per device; the padding columns are
+  # masked out of the softmax.
+  model = model_lib.create_model(
+      config, sharding_lib.padded_class_count(num_classes, mesh))
+  model = with_remat(model, config.model.remat)
   tx = optim.create_optimizer(config.optimizer, learning_rate_fn)
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
-  state = create_train_state(model, tx, init_rng, config.data.image_size)
+  state = create_train_state(model, tx, init_rng, config.data.image_size,
+                             mesh)
+  margin_loss = create_margin_loss(
+      config, num_classes, config.data.batch_size).loss_fn(mesh)
 
   worker_count = config.data.worker_count
   if worker_count < 0:
@@ -184,25 +372,33 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       index, batch_size=local_batch_size, seed=config.seed,
       image_size=config.data.image_size, alignment=config.data.alignment,
       random_flip=config.data.random_flip, worker_count=worker_count,
-      shard_index=jax.process_index(), shard_count=process_count)
+      shard_index=jax.process_index(), shard_count=process_count,
+      augmentation=augment.from_config(config.data),
+      corrupt_records=config.data.corrupt_records)
   data_iterator = iter(dataset)
 
   manager = checkpointing.create_manager(
       workdir, config.checkpoint.max_to_keep)
-  state = checkpointing.restore(manager, state, data_iterator)
+  state = checkpointing.restore(manager, state, data_iterator, num_classes)
   start_step = int(jax.device_get(state.step))
-  write_config(config, workdir, start_step)
+  if distributed.is_primary():
+    write_config(config, workdir, start_step)
 
   reporter = reporting.Reporter(
       workdir, durations, config.data.batch_size,
-      show_progress=config.logging.progress_bar)
-  reporter.describe_run(config, index, num_classes, state, start_step)
+      show_progress=config.logging.progress_bar,
+      enabled=distributed.is_primary())
+  reporter.describe_run(config, index, num_classes, state, start_step, mesh)
 
-  p_train_step = jax.jit(
-      functools.partial(train_step, learning_rate_fn=learning_rate_fn),
-      donate_argnums=(0,))
+  p_train_step = CompileOnFirstCall(
+      compile_train_step(learning_rate_fn, margin_loss, mesh, state),
+      "train step", reporter.message)
+  data_iterator = DevicePrefetch(
+      data_iterator, mesh, config.data.device_prefetch,
+      host_keys=(pipeline.SKIPPED_RECORDS_KEY,))
   state = _run_loop(config, state, data_iterator, p_train_step, step_rng,
-                    manager, reporter, start_step, durations.total_steps)
+                    manager, reporter, start_step, durations.total_steps,
+                    mesh)
   manager.wait_until_finished()
   manager.close()
   reporter.close()
@@ -210,26 +406,41 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
 
 def _run_loop(config, state, data_iterator, p_train_step, step_rng, manager,
-              reporter, start_step, total_steps):
+              reporter, start_step, total_steps, mesh):
   """Steps from `start_step` to `total_steps`, logging and checkpointing."""
   log_every = config.logging.log_every_steps
   ckpt_every = config.checkpoint.every_steps
   pending_metrics = []
   step = start_step
+  logged_skipped = 0
+  evaluator = eval_lib.TrainingEvaluator(
+      config, os.path.dirname(os.fspath(manager.directory)))
   with _StopRequest() as stop:
     for step in range(start_step + 1, total_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = jax.device_put(next(data_iterator))
+        # Already global device arrays (`DevicePrefetch`).
+        batch = next(data_iterator)
+        # Corrupt records left out so far (this process, a host array); the
+        # iterator's checkpointed state keeps the count.
+        skipped_records = int(batch.pop(pipeline.SKIPPED_RECORDS_KEY)[-1])
         state, metrics = p_train_step(state, batch, step_rng)
       pending_metrics.append(metrics)
       reporter.tick(step)
 
       if step % log_every == 0 or step == total_steps or stop.requested:
         # The only host synchronisation of the loop.
-        reporter.log_train(step, jax.device_get(pending_metrics))
+        logged = [dict(m, skipped_records=skipped_records)
+                  for m in jax.device_get(pending_metrics)]
+        reporter.log_train(step, logged)
+        if skipped_records > logged_skipped:
+          reporter.message(f"{skipped_records} corrupt records skipped so far")
+          logged_skipped = skipped_records
         pending_metrics = []
       if step % ckpt_every == 0 or step == total_steps or stop.requested:
         checkpointing.save(manager, state, data_iterator)
+      if not stop.requested:
+        # Before the next step donates the state's buffers.
+        evaluator.maybe_evaluate(step, state, reporter.message)
       if stop.requested:
         manager.wait_until_finished()
         reporter.message(f"Stopped at step {step}; rerun the same command "
@@ -247,6 +458,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """Trains, then runs the configured verification set (if any)."""
   state = train(config, workdir)
   del state
-  if config.eval.after_training:
-    return eval_lib.evaluate(config, workdir)
-  return {}
+  if not config.eval.after_training:
+    return {}
+  if jax.process_count() > 1:
+    # TODO: evaluate across processes; each one would need the same
+    # checkpoint reads and only the first should write reports.
+    logging.warning("Skipping the evaluation after training with %d "
+                    "processes; run eval.py in one process.",
+                    jax.process_count())
+    return {}
+  return eval_lib.evaluate(config, workdir)

@@ -5,8 +5,10 @@ CPLFW. Every image is embedded with and without a horizontal flip and the two
 are fused into one unit vector. A pair's score is the squared L2 distance
 between its two fused vectors (0 to 4), and a pair is predicted "same" when
 that distance is below a threshold. The threshold is chosen by k-fold cross
-validation over contiguous folds of pairs. Also here: reading and writing
-LFW `pairs.txt` files, and a text table of the results.
+validation over contiguous folds of pairs. Also here: ROC curves and the
+true accept rate at fixed false accept rates (the IJB 1:1 protocol), the
+mate ranks of 1:N identification (IJB 1:N, TinyFace), reading and writing
+LFW `pairs.txt` files, and text tables of the results.
 
 Everything runs on the host in numpy, in float64.
 """
@@ -420,6 +422,160 @@ def val_at_far(distances: np.ndarray,
       far_mean=float(np.mean(fold_fars)))
 
 
+def _check_labelled_scores(scores: np.ndarray,
+                           is_same: np.ndarray) -> tuple[np.ndarray, ...]:
+  """Validates [num_pairs] finite scores and matching labels of both kinds."""
+  scores = np.asarray(scores, np.float64)
+  if scores.ndim != 1 or scores.size == 0:
+    raise ValueError(
+        f"scores must be a non-empty [num_pairs] array, got shape "
+        f"{scores.shape}")
+  if not np.all(np.isfinite(scores)):
+    raise ValueError(
+        f"scores hold {np.sum(~np.isfinite(scores))} non-finite values")
+  is_same = np.asarray(is_same)
+  if is_same.shape != scores.shape:
+    raise ValueError(
+        f"is_same has shape {is_same.shape}, scores {scores.shape}; they "
+        "must match")
+  if is_same.dtype != bool and not np.all((is_same == 0) | (is_same == 1)):
+    raise ValueError(
+        f"is_same must be booleans or 0/1, got values {np.unique(is_same)}")
+  is_same = is_same.astype(bool)
+  if is_same.all() or not is_same.any():
+    raise ValueError(
+        "a ROC needs both same and different pairs; got "
+        f"{int(is_same.sum())} same of {is_same.size}")
+  return scores, is_same
+
+
+@dataclasses.dataclass(frozen=True)
+class Roc:
+  """A receiver operating characteristic of scored pairs.
+
+  Attributes:
+    fpr: [num_points] false accept rates, non-decreasing from 0 to 1.
+    tpr: [num_points] true accept rates, non-decreasing from 0 to 1.
+    thresholds: [num_points] decreasing score thresholds; a pair is
+      accepted when its score is >= the threshold. The first is +inf
+      (nothing accepted).
+  """
+  fpr: np.ndarray
+  tpr: np.ndarray
+  thresholds: np.ndarray
+
+
+def roc_curve(scores: np.ndarray, is_same: np.ndarray,
+              drop_intermediate: bool = True) -> Roc:
+  """The ROC of similarity scores (higher is more alike), as scikit-learn's.
+
+  One point per distinct score, in decreasing order of score, after a first
+  point (0, 0) at +inf. With `drop_intermediate`, a point is dropped when
+  the true and the false accept counts both step by the same amount into
+  it and out of it (the middle of a straight run), as scikit-learn does by
+  default. The IJB protocols read TAR off that reduced curve, so the option
+  changes reported numbers.
+
+  Args:
+    scores: [num_pairs] similarity scores.
+    is_same: [num_pairs] booleans; both kinds must occur.
+    drop_intermediate: drop the middle points of straight runs.
+  """
+  scores, is_same = _check_labelled_scores(scores, is_same)
+  # Stable sort, reversed: the order scikit-learn uses.
+  order = np.argsort(scores, kind="mergesort")[::-1]
+  scores, is_same = scores[order], is_same[order]
+  last_of_score = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
+  true_accepts = np.cumsum(is_same)[last_of_score]
+  false_accepts = 1 + last_of_score - true_accepts
+  thresholds = scores[last_of_score]
+
+  if drop_intermediate and thresholds.size > 2:
+    corners = np.r_[True, np.logical_or(np.diff(false_accepts, 2),
+                                        np.diff(true_accepts, 2)), True]
+    true_accepts = true_accepts[corners]
+    false_accepts = false_accepts[corners]
+    thresholds = thresholds[corners]
+
+  true_accepts = np.r_[0, true_accepts]
+  false_accepts = np.r_[0, false_accepts]
+  return Roc(fpr=false_accepts / false_accepts[-1],
+             tpr=true_accepts / true_accepts[-1],
+             thresholds=np.r_[np.inf, thresholds])
+
+
+def tar_at_far(roc: Roc, far_targets: Sequence[float]) -> np.ndarray:
+  """TAR at the ROC point whose FAR is nearest to each target.
+
+  No interpolation, as the IJB protocol reports it. Of equally near
+  points, the one with the highest TAR wins (the reference searches the
+  curve from its far end).
+
+  Args:
+    roc: the curve, from `roc_curve`.
+    far_targets: the false accept rates to read at, each in [0, 1].
+
+  Returns:
+    [num_targets] float64 true accept rates.
+  """
+  tars = []
+  for target in far_targets:
+    if not 0 <= target <= 1:
+      raise ValueError(f"FAR target must be in [0, 1], got {target}")
+    gaps = np.abs(roc.fpr - target)
+    nearest = gaps.size - 1 - int(np.argmin(gaps[::-1]))
+    tars.append(roc.tpr[nearest])
+  return np.array(tars, np.float64)
+
+
+# Identification (1:N): probes searched against a gallery.
+
+
+def mate_ranks(similarity: np.ndarray, is_mate: np.ndarray) -> np.ndarray:
+  """The rank of each probe's best-scoring mate among the gallery.
+
+  Rank 1 is the top. Non-mates that tie with the best mate do not push it
+  down (a tie counts in the probe's favour).
+
+  Args:
+    similarity: [num_probes, gallery_size] scores, higher is more alike.
+    is_mate: [num_probes, gallery_size] booleans, True where the gallery
+      entry is of the probe's identity.
+
+  Returns:
+    [num_probes] int64: 1 + the number of non-mates scoring strictly above
+    the best mate; 0 for a probe with no mate in the gallery.
+  """
+  similarity = np.asarray(similarity, np.float64)
+  is_mate = np.asarray(is_mate, bool)
+  if similarity.ndim != 2 or similarity.shape != is_mate.shape:
+    raise ValueError(
+        f"similarity {similarity.shape} and is_mate {is_mate.shape} must be "
+        "matching [num_probes, gallery_size] arrays")
+  best_mate = np.where(is_mate, similarity, -np.inf).max(axis=1)
+  above = np.sum((similarity > best_mate[:, None]) & ~is_mate, axis=1)
+  return np.where(is_mate.any(axis=1), 1 + above, 0).astype(np.int64)
+
+
+def identification_rates(ranks: np.ndarray,
+                         rank_cutoffs: Sequence[int]) -> dict[int, float]:
+  """Share of mated probes whose mate is within each rank (a CMC reading).
+
+  Args:
+    ranks: [num_probes] from `mate_ranks`; probes of rank 0 (no mate) are
+      left out.
+    rank_cutoffs: the ranks k to read, e.g. (1, 5, 10).
+
+  Returns:
+    {k: rate in [0, 1]}.
+  """
+  ranks = np.asarray(ranks)
+  mated = ranks[ranks > 0]
+  if mated.size == 0:
+    raise ValueError("no probe has a mate in the gallery")
+  return {int(k): float(np.mean(mated <= k)) for k in rank_cutoffs}
+
+
 @dataclasses.dataclass(frozen=True)
 class PairList:
   """The pairs of an LFW-style pairs file.
@@ -639,12 +795,25 @@ def format_table(results: Mapping[str, object]) -> str:
   else:
     rows = [row[:-1] + [row[-1] or "-"] for row in rows]
 
-  table = [header] + rows
+  return format_columns(header, rows)
+
+
+def format_columns(header: Sequence[str],
+                   rows: Sequence[Sequence[str]]) -> str:
+  """A fixed-width text table: a header, a rule, then one line per row.
+
+  The first column (names) is left-aligned, the others (numbers) right-
+  aligned; every row must have as many cells as the header.
+  """
+  table = [list(header)] + [list(row) for row in rows]
+  for row in table[1:]:
+    if len(row) != len(header):
+      raise ValueError(
+          f"table row {row} has {len(row)} cells, the header {len(header)}")
   widths = [max(len(row[column]) for row in table)
             for column in range(len(header))]
   lines = []
   for row in table:
-    # Names read best left-aligned, numbers right-aligned.
     cells = [row[0].ljust(widths[0])]
     cells += [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
     lines.append("  ".join(cells).rstrip())

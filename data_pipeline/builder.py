@@ -6,11 +6,16 @@ import os
 import ml_collections
 import numpy as np
 
+from data_pipeline import array_record
 from data_pipeline import pipeline
+from data_pipeline import recordio
 from data_pipeline import sources
 from data_pipeline import synthetic
 
-DATA_KINDS = ("image_folder", "manifest", "synthetic")
+DATA_KINDS = ("image_folder", "manifest", "synthetic", "recordio",
+              "array_record")
+# Kinds holding encoded, already aligned crops rather than image files.
+RECORD_KINDS = ("recordio", "array_record")
 
 
 def synthetic_root(data: ml_collections.ConfigDict, workdir: str) -> str:
@@ -18,8 +23,9 @@ def synthetic_root(data: ml_collections.ConfigDict, workdir: str) -> str:
   return data.root or os.path.join(workdir, "synthetic_faces")
 
 
-def build_train_index(data: ml_collections.ConfigDict,
-                      workdir: str) -> sources.FaceIndex:
+def build_train_index(
+    data: ml_collections.ConfigDict,
+    workdir: str) -> sources.FaceIndex | pipeline.EncodedFaceSet:
   """Indexes the training images the `data` config section describes.
 
   Raises:
@@ -30,6 +36,8 @@ def build_train_index(data: ml_collections.ConfigDict,
     raise sources.DataError(
         f"unknown data.alignment {data.alignment!r}; choose one of "
         f"{pipeline.ALIGNMENTS}")
+  if data.kind in RECORD_KINDS:
+    return build_encoded_set(data)
   if data.kind == "synthetic":
     root = synthetic_root(data, workdir)
     synthetic.ensure_synthetic_faces(root, **data.synthetic.to_dict())
@@ -51,6 +59,45 @@ def build_train_index(data: ml_collections.ConfigDict,
   elif needs_landmarks:
     index = sources.attach_landmarks(index, {}, needs_landmarks)
   return index
+
+
+def build_encoded_set(
+    data: ml_collections.ConfigDict) -> pipeline.EncodedFaceSet:
+  """Opens a RecordIO file or a converted ArrayRecord set for training.
+
+  data.root is the `.rec` (or the folder holding `train.rec`) for
+  "recordio", and the conversion's output folder (or the dataset version
+  folder in it) for "array_record".
+
+  Raises:
+    sources.DataError: missing or malformed files, or settings these
+      aligned, landmark-free crops cannot honour.
+  """
+  if data.alignment == "landmarks" or data.landmarks:
+    raise sources.DataError(
+        f"data.kind={data.kind!r} holds aligned crops without landmarks; set "
+        "data.alignment to 'none' (or 'resize') and data.landmarks to ''")
+  if not data.root:
+    raise sources.DataError(
+        f"data.root is empty; set it to the {data.kind} data to train on")
+  if data.kind == "array_record":
+    opened = array_record.open_face_images(data.root)
+    return pipeline.EncodedFaceSet(opened.source, opened.num_identities,
+                                   opened.dataset_dir)
+
+  rec_path = data.root
+  if not rec_path.endswith(".rec"):
+    rec_path = os.path.join(rec_path, "train.rec")
+  try:
+    layout = recordio.read_face_layout(rec_path)
+  except recordio.RecordIOError as e:
+    raise sources.DataError(f"data.root {data.root!r}: {e}") from None
+  source = recordio.FaceRecordSource(layout)
+  num_identities = layout.num_identities
+  if num_identities is None:
+    # No `property` file and no header record: read every label once.
+    num_identities = recordio.count_identities(source)
+  return pipeline.EncodedFaceSet(source, num_identities, rec_path)
 
 
 @dataclasses.dataclass(frozen=True)

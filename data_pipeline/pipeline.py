@@ -4,19 +4,32 @@ Workers produce uint8 BGR crops; the model normalises them to [-1, 1] on the
 device, which moves a quarter of the bytes a float32 batch would.
 """
 
+import collections.abc
 import dataclasses
 import os
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
+from absl import logging
 import cv2
 import grain
 import numpy as np
 from PIL import Image
 
 from data_pipeline import alignment as alignment_lib
+from data_pipeline import augment as augment_lib
 from data_pipeline import sources
 
 ALIGNMENTS = ("landmarks", "none", "resize")
+CORRUPT_RECORDS = ("skip", "raise")
+# Batch key of the running count of corrupt records left out of the stream.
+SKIPPED_RECORDS_KEY = "skipped_records"
+# Element key that marks a record that could not be decoded.
+_CORRUPT_KEY = "corrupt"
+# A stream whose records all fail (a wrong path, an unreadable disk) must
+# stop rather than skip forever.
+MAX_CONSECUTIVE_SKIPS = 1000
+_LOGGED_SKIPS = 20
+_MIN_SHM_SIZE = 1 << 20
 
 
 class ImageError(ValueError):
@@ -54,25 +67,111 @@ def prepare_face(path: str, landmarks: np.ndarray | None, image_size: int,
     alignment: "landmarks" (similarity warp onto the template), "none" (the
       file must already be image_size square) or "resize" (plain resize).
   """
-  rgb = load_rgb(path)
+  rgb = fit_face(load_rgb(path), landmarks, image_size, alignment, path)
+  # AdaFace models see BGR, like the reference's loaders.
+  return np.ascontiguousarray(rgb[:, :, ::-1])
+
+
+def fit_face(image: np.ndarray, landmarks: np.ndarray | None,
+             image_size: int, alignment: str, name: str) -> np.ndarray:
+  """Brings a decoded [h, w, 3] uint8 face (any channel order) to
+  [image_size, image_size, 3] as `alignment` says (see `prepare_face`).
+
+  Raises:
+    ImageError: no landmarks to align with, or a wrong size for "none",
+      naming the image.
+  """
   if alignment == "landmarks":
     if landmarks is None:
-      raise ImageError(f"image {path!r} has no landmarks to align with")
-    rgb = alignment_lib.align_face(rgb, landmarks, image_size)
+      raise ImageError(f"image {name!r} has no landmarks to align with")
+    image = alignment_lib.align_face(image, landmarks, image_size)
   elif alignment == "resize":
-    if rgb.shape[:2] != (image_size, image_size):
-      rgb = cv2.resize(rgb, (image_size, image_size),
-                       interpolation=cv2.INTER_AREA)
+    if image.shape[:2] != (image_size, image_size):
+      image = cv2.resize(image, (image_size, image_size),
+                         interpolation=cv2.INTER_AREA)
   elif alignment == "none":
-    if rgb.shape[:2] != (image_size, image_size):
+    if image.shape[:2] != (image_size, image_size):
       raise ImageError(
-          f"image {path!r} is {rgb.shape[1]}x{rgb.shape[0]}, not "
+          f"image {name!r} is {image.shape[1]}x{image.shape[0]}, not "
           f"{image_size}x{image_size}; set data.alignment to 'landmarks' or "
           "'resize'")
   else:
     raise ValueError(f"unknown alignment {alignment!r}; choose {ALIGNMENTS}")
-  # AdaFace models see BGR, like the reference's loaders.
-  return np.ascontiguousarray(rgb[:, :, ::-1])
+  return image
+
+
+def decode_bgr(encoded: bytes, origin: str) -> np.ndarray:
+  """Decodes encoded image bytes (JPEG, PNG, ...) to [h, w, 3] uint8 BGR.
+
+  OpenCV decodes straight to BGR, the order AdaFace models take, and
+  rejects truncated JPEGs instead of filling them in.
+
+  Raises:
+    ImageError: empty or undecodable bytes, naming `origin`.
+  """
+  if not encoded:
+    raise ImageError(f"record {origin!r} holds no image bytes")
+  image = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
+  if image is None:
+    raise ImageError(
+        f"record {origin!r}: {len(encoded)} bytes do not decode as an image "
+        "(truncated or corrupt)")
+  return image
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedFaceSet:
+  """Training faces stored as encoded images behind a random-access source.
+
+  Attributes:
+    source: a grain data source; `source[i]` is {"image": encoded bytes,
+      "label": int, "origin": str or bytes} plus an "error" message for a
+      record that could not be read.
+    num_identities: the class count the data declares; every label must be
+      below it.
+    name: where the data is, for logs and errors.
+  """
+
+  source: Any
+  num_identities: int
+  name: str
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  @property
+  def identities(self) -> Sequence[str]:
+    return _IdentityStandIns(self.num_identities, self.name, names_only=True)
+
+  @property
+  def records(self) -> Sequence[sources.FaceRecord]:
+    """One stand-in record per identity (not per image).
+
+    Labels are only known record by record, so the class-count check reads
+    these, and each decoded record's label is checked against
+    `num_identities` in the workers.
+    """
+    return _IdentityStandIns(self.num_identities, self.name)
+
+
+class _IdentityStandIns(collections.abc.Sequence):
+  """Lazy per-identity names or stand-in `FaceRecord`s."""
+
+  def __init__(self, count: int, name: str, names_only: bool = False):
+    self._count, self._name, self._names_only = count, name, names_only
+
+  def __len__(self) -> int:
+    return self._count
+
+  def __getitem__(self, label):
+    if isinstance(label, slice):
+      return [self[i] for i in range(*label.indices(self._count))]
+    if not -self._count <= label < self._count:
+      raise IndexError(label)
+    label %= self._count
+    if self._names_only:
+      return f"class {label}"
+    return sources.FaceRecord(f"{self._name} (identity {label})", label)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,30 +185,153 @@ class LoadTrainingFace(grain.transforms.RandomMap):
   image_size: int
   alignment: str
   random_flip: bool
+  augmentation: augment_lib.AugmentParams = augment_lib.AugmentParams()
 
   def random_map(self, record: sources.FaceRecord, rng: np.random.Generator):
-    image = prepare_face(
-        record.path, record.landmarks, self.image_size, self.alignment)
-    if self.random_flip and rng.random() < 0.5:
-      image = np.ascontiguousarray(image[:, ::-1])
-    return {"image": image, "label": np.int32(record.label)}
+    try:
+      rgb = load_rgb(record.path)
+    except ImageError as e:
+      return {_CORRUPT_KEY: str(e)}
+    rgb = fit_face(rgb, record.landmarks, self.image_size, self.alignment,
+                   record.path)
+    image = np.ascontiguousarray(rgb[:, :, ::-1])
+    return _augment_and_flip(image, record.label, rng, self.augmentation,
+                             self.random_flip)
 
 
-def make_train_dataset(index: sources.FaceIndex, *, batch_size: int,
-                       seed: int, image_size: int, alignment: str,
-                       random_flip: bool, worker_count: int,
+@dataclasses.dataclass(frozen=True)
+class DecodeTrainingFace(grain.transforms.RandomMap):
+  """Encoded record -> {"image": [s, s, 3] uint8 BGR, "label": int32}.
+
+  Like `LoadTrainingFace`, for the records of an `EncodedFaceSet`. A record
+  that cannot be read or decoded becomes a corrupt marker, which the stream
+  skips and counts (or raises on) in the main process.
+  """
+
+  image_size: int
+  alignment: str
+  random_flip: bool
+  num_identities: int
+  augmentation: augment_lib.AugmentParams = augment_lib.AugmentParams()
+
+  def random_map(self, record: dict, rng: np.random.Generator):
+    origin = record.get("origin", "")
+    if isinstance(origin, bytes):
+      origin = origin.decode("utf-8", "replace")
+    if record.get("error"):
+      return {_CORRUPT_KEY: f"record {origin!r}: {record['error']}"}
+    try:
+      image = decode_bgr(record["image"], origin)
+    except ImageError as e:
+      return {_CORRUPT_KEY: str(e)}
+    label = int(record["label"])
+    if not 0 <= label < self.num_identities:
+      raise sources.DataError(
+          f"record {origin!r} has label {label}, outside the "
+          f"{self.num_identities} identities the data set declares")
+    image = fit_face(image, None, self.image_size, self.alignment, origin)
+    return _augment_and_flip(image, label, rng, self.augmentation,
+                             self.random_flip)
+
+
+def _augment_and_flip(image: np.ndarray, label: int, rng: np.random.Generator,
+                      augmentation: augment_lib.AugmentParams,
+                      random_flip: bool) -> dict[str, np.ndarray]:
+  """The reference's order: crop, low resolution, photometric, then flip."""
+  image = augment_lib.augment(image, rng, augmentation)
+  if random_flip and rng.random() < 0.5:
+    image = image[:, ::-1]
+  return {"image": np.ascontiguousarray(image), "label": np.int32(label)}
+
+
+def _init_worker(worker_index: int, worker_count: int) -> None:
+  del worker_index, worker_count
+  # Parallelism comes from the worker processes; OpenCV's own threads on
+  # 112x112 images only contend with them.
+  cv2.setNumThreads(1)
+
+
+class _SkipCorruptIterator(grain.DatasetIterator):
+  """Drops corrupt markers, counting them; the count is part of the state.
+
+  Each kept element carries the running count under SKIPPED_RECORDS_KEY, so
+  it reaches the training loop with the batch, and a restored iterator
+  continues the count.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, corrupt_records: str):
+    super().__init__(parent)
+    self._raise = corrupt_records == "raise"
+    self._skipped = 0
+    self._consecutive = 0
+
+  def __next__(self):
+    while True:
+      element = next(self._parent)
+      if _CORRUPT_KEY not in element:
+        self._consecutive = 0
+        element[SKIPPED_RECORDS_KEY] = np.int64(self._skipped)
+        return element
+      message = element[_CORRUPT_KEY]
+      if self._raise:
+        raise ImageError(
+            f"{message} (set data.corrupt_records='skip' to leave such "
+            "records out)")
+      self._skipped += 1
+      self._consecutive += 1
+      if self._skipped <= _LOGGED_SKIPS:
+        logging.warning("Skipping corrupt record %d: %s", self._skipped,
+                        message)
+      if self._consecutive >= MAX_CONSECUTIVE_SKIPS:
+        raise sources.DataError(
+            f"{self._consecutive} records in a row failed to decode; the "
+            f"data looks unreadable (last: {message})")
+
+  def get_state(self) -> dict[str, Any]:
+    return {"parent": self._parent.get_state(),
+            SKIPPED_RECORDS_KEY: self._skipped}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self._skipped = int(state[SKIPPED_RECORDS_KEY])
+    self._consecutive = 0
+
+
+class _SkipCorrupt(grain.IterDataset):
+  """See `_SkipCorruptIterator`."""
+
+  def __init__(self, parent: grain.IterDataset, corrupt_records: str):
+    super().__init__(parent)
+    self._corrupt_records = corrupt_records
+
+  def __iter__(self) -> _SkipCorruptIterator:
+    return _SkipCorruptIterator(self._parent.__iter__(),
+                                self._corrupt_records)
+
+
+def make_train_dataset(index: sources.FaceIndex | EncodedFaceSet, *,
+                       batch_size: int, seed: int, image_size: int,
+                       alignment: str, random_flip: bool, worker_count: int,
                        shard_index: int = 0, shard_count: int = 1,
-                       read_threads: int = 8) -> grain.IterDataset:
+                       read_threads: int | None = None,
+                       augmentation: augment_lib.AugmentParams | None = None,
+                       corrupt_records: str = "skip") -> grain.IterDataset:
   """An endless stream of fixed-size training batches.
 
   Each epoch is a fresh global shuffle of the records (seeded), split into
   `shard_count` interleaved shards of which this process reads one. Decoding
-  runs in `worker_count` processes (0 decodes in threads of this process);
-  batching comes after the worker prefetch so no element is lost between
-  workers.
+  and augmentation run in `worker_count` processes (0 decodes in threads of
+  this process); batching comes after the worker prefetch so no element is
+  lost between workers.
+
+  Records that fail to decode are marked in the workers and dropped in this
+  process, where they are counted: every batch carries the running count
+  (int64 [batch], the last entry is current) under SKIPPED_RECORDS_KEY, and
+  the iterator's checkpointed state keeps it.
 
   Args:
-    index: the records to read.
+    index: image files (a FaceIndex) or encoded records (an
+      EncodedFaceSet).
     batch_size: images per batch on this process.
     seed: shuffle and augmentation seed.
     image_size: crop size in pixels.
@@ -117,28 +339,55 @@ def make_train_dataset(index: sources.FaceIndex, *, batch_size: int,
     random_flip: flip each image horizontally with probability 1/2.
     worker_count: decoding processes.
     shard_index, shard_count: this process's slice of every epoch.
-    read_threads: threads per process reading records.
+    read_threads: threads reading records in each process that decodes;
+      None: 8 without workers, none in each worker (there the processes
+      are the parallelism, and a thread pool per worker halves what one
+      worker delivers).
+    augmentation: AdaFace augmentations before the flip; None for none.
+    corrupt_records: "skip" (drop and count) or "raise".
 
   Returns:
     A grain IterDataset of {"image": [batch, s, s, 3] uint8, "label":
-    [batch] int32} whose iterators can be checkpointed.
+    [batch] int32, SKIPPED_RECORDS_KEY: [batch] int64} whose iterators can
+    be checkpointed.
   """
+  if corrupt_records not in CORRUPT_RECORDS:
+    raise ValueError(
+        f"data.corrupt_records={corrupt_records!r}; choose one of "
+        f"{CORRUPT_RECORDS}")
+  augmentation = augmentation or augment_lib.AugmentParams()
   if len(index) < batch_size * shard_count:
     raise sources.DataError(
         f"the data set has {len(index)} images, fewer than one global batch "
         f"of {batch_size * shard_count}; lower data.batch_size")
-  dataset = grain.MapDataset.source(list(index.records))
+  if isinstance(index, EncodedFaceSet):
+    dataset = grain.MapDataset.source(index.source)
+    load = DecodeTrainingFace(image_size, alignment, random_flip,
+                              index.num_identities, augmentation)
+  else:
+    dataset = grain.MapDataset.source(list(index.records))
+    load = LoadTrainingFace(image_size, alignment, random_flip, augmentation)
   dataset = dataset.seed(seed).shuffle().repeat(None)
+  dataset = dataset.random_map(load)
+  # Sharding after the random map keeps each record's randomness tied to its
+  # position in the global stream, so the union of the processes' batches
+  # is the single-process batch whatever the process count.
   dataset = dataset[shard_index::shard_count]
-  dataset = dataset.random_map(
-      LoadTrainingFace(image_size, alignment, random_flip))
 
+  if read_threads is None:
+    read_threads = 0 if worker_count > 0 else 8
   stream = dataset.to_iter_dataset(
       grain.ReadOptions(num_threads=read_threads,
                         prefetch_buffer_size=4 * batch_size))
   if worker_count > 0:
+    # Face crops (37 KB) travel faster pickled through the worker's pipe
+    # than in a shared-memory segment created and unlinked per element.
+    stream = grain.experimental.WithOptionsIterDataset(
+        stream, grain.experimental.DatasetOptions(min_shm_size=_MIN_SHM_SIZE))
     stream = stream.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=worker_count))
+        grain.MultiprocessingOptions(num_workers=worker_count),
+        worker_init_fn=_init_worker)
+  stream = _SkipCorrupt(stream, corrupt_records)
   return stream.batch(batch_size, drop_remainder=True)
 
 
