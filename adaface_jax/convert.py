@@ -65,6 +65,7 @@ from adaface_jax import backbone
 from adaface_jax import checkpointing
 from adaface_jax import model as model_lib
 from adaface_jax import optim
+from adaface_jax import reporting
 from adaface_jax import train_lib
 
 BACKBONE_PREFIX = "model."
@@ -819,6 +820,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
   logging.set_verbosity(logging.INFO)
+  reporting.quiet_library_logs()
   try:
     main()
   except (ConversionError, FileNotFoundError, ImportError, ValueError) as error:

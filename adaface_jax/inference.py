@@ -51,6 +51,7 @@ import tqdm
 from adaface_jax import backbone as backbone_lib
 from adaface_jax import checkpointing
 from adaface_jax import model as model_lib
+from adaface_jax import reporting
 from adaface_jax import verification
 from data_pipeline import pipeline
 from data_pipeline import sources
@@ -675,6 +676,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
   logging.set_verbosity(logging.INFO)
+  reporting.quiet_library_logs()
   try:
     main()
   except (ValueError, FileNotFoundError, ImportError) as error:

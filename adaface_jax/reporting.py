@@ -178,7 +178,8 @@ class _OwnInfoOnly(logging_std.Filter):
           f"{os.sep}train.py", f"{os.sep}eval.py")
 
   # Warnings Orbax gives for situations this project creates on purpose.
-  _NOISE = ("Given directory is read only", "Metadata file does not exist")
+  _NOISE = ("Given directory is read only", "Metadata file does not exist",
+            "CheckpointManagerOptions.read_only=True")
 
   def filter(self, record: logging_std.LogRecord) -> bool:
     if record.levelno >= logging_std.WARNING:
@@ -188,7 +189,7 @@ class _OwnInfoOnly(logging_std.Filter):
 
 
 def quiet_library_logs() -> None:
-  """Installs `_OwnInfoOnly` on the absl handler (call once in main)."""
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
-    handler.addFilter(_OwnInfoOnly())
+  """Installs `_OwnInfoOnly` on the absl logger (call once in a main)."""
+  for target in (logging.get_absl_logger(), logging.get_absl_handler()):
+    if not any(isinstance(f, _OwnInfoOnly) for f in target.filters):
+      target.addFilter(_OwnInfoOnly())

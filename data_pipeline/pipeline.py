@@ -25,6 +25,9 @@ CORRUPT_RECORDS = ("skip", "raise")
 SKIPPED_RECORDS_KEY = "skipped_records"
 # Element key that marks a record that could not be decoded.
 _CORRUPT_KEY = "corrupt"
+# Batch key, between the workers and this process only, of the messages
+# naming the corrupt records a batch left out.
+_SKIPPED_MESSAGES_KEY = "skipped_messages"
 # A stream whose records all fail (a wrong path, an unreadable disk) must
 # stop rather than skip forever.
 MAX_CONSECUTIVE_SKIPS = 1000
@@ -204,8 +207,9 @@ class DecodeTrainingFace(grain.transforms.RandomMap):
   """Encoded record -> {"image": [s, s, 3] uint8 BGR, "label": int32}.
 
   Like `LoadTrainingFace`, for the records of an `EncodedFaceSet`. A record
-  that cannot be read or decoded becomes a corrupt marker, which the stream
-  skips and counts (or raises on) in the main process.
+  that cannot be read or decoded becomes a corrupt marker, which batching
+  replaces (see `make_train_dataset`) and the main process counts or raises
+  on.
   """
 
   image_size: int
@@ -251,41 +255,102 @@ def _init_worker(worker_index: int, worker_count: int) -> None:
   cv2.setNumThreads(1)
 
 
-class _SkipCorruptIterator(grain.DatasetIterator):
-  """Drops corrupt markers, counting them; the count is part of the state.
+class _FaceBatches(grain.MapDataset):
+  """Fixed-size batches of decoded faces, corrupt records replaced.
 
-  Each kept element carries the running count under SKIPPED_RECORDS_KEY, so
-  it reaches the training loop with the batch, and a restored iterator
-  continues the count.
+  Batch k holds the faces at positions [k * B, (k + 1) * B) of the parent
+  stream, so it depends on k alone, not on which worker builds it. A
+  position whose record failed to decode is left out, and its slot takes the
+  next readable face found reading forward from (k + 1) * B; that face then
+  also appears, identically augmented, in the batch that owns its position.
+  Each batch names the corrupt records of its own positions, so the names
+  summed over batches 0..k cover every corrupt position up to (k + 1) * B
+  exactly once.
+  """
+
+  def __init__(self, parent: grain.MapDataset, batch_size: int,
+               replace_corrupt: bool):
+    super().__init__(parent)
+    self._batch_size = batch_size
+    # Without replacement the first corrupt record ends the batch: the main
+    # process raises on it.
+    self._replace_corrupt = replace_corrupt
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._batch_size
+
+  def __str__(self) -> str:
+    return f"_FaceBatches(batch_size={self._batch_size})"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    end = (index + 1) * self._batch_size
+    faces = [self._parent[i] for i in range(end - self._batch_size, end)]
+    skipped = [face[_CORRUPT_KEY] for face in faces if _CORRUPT_KEY in face]
+    if skipped and not self._replace_corrupt:
+      return {_SKIPPED_MESSAGES_KEY: skipped[:1]}
+    if skipped:
+      faces = self._fill_corrupt_slots(faces, end)
+    return {"image": np.stack([face["image"] for face in faces]),
+            "label": np.array([face["label"] for face in faces], np.int32),
+            _SKIPPED_MESSAGES_KEY: skipped}
+
+  def _fill_corrupt_slots(self, faces: list[dict], position: int) -> list:
+    """Puts the readable faces from `position` on into the corrupt slots.
+
+    Raises:
+      sources.DataError: MAX_CONSECUTIVE_SKIPS records in a row are corrupt.
+    """
+    consecutive = 0
+    for face in reversed(faces):
+      if _CORRUPT_KEY not in face:
+        break
+      consecutive += 1
+    filled = []
+    for face in faces:
+      while _CORRUPT_KEY in face:
+        if consecutive >= MAX_CONSECUTIVE_SKIPS:
+          raise sources.DataError(
+              f"{consecutive} records in a row failed to decode; the data "
+              f"looks unreadable (last: {face[_CORRUPT_KEY]})")
+        face = self._parent[position]
+        position += 1
+        consecutive = consecutive + 1 if _CORRUPT_KEY in face else 0
+      filled.append(face)
+    return filled
+
+
+class _CountSkippedIterator(grain.DatasetIterator):
+  """Adds up the corrupt records the batches left out; raises on them when
+  asked to.
+
+  Each batch carries the running count under SKIPPED_RECORDS_KEY, so it
+  reaches the training loop with the batch, and the count is part of the
+  state, so a restored iterator continues it.
   """
 
   def __init__(self, parent: grain.DatasetIterator, corrupt_records: str):
     super().__init__(parent)
     self._raise = corrupt_records == "raise"
     self._skipped = 0
-    self._consecutive = 0
 
-  def __next__(self):
-    while True:
-      element = next(self._parent)
-      if _CORRUPT_KEY not in element:
-        self._consecutive = 0
-        element[SKIPPED_RECORDS_KEY] = np.int64(self._skipped)
-        return element
-      message = element[_CORRUPT_KEY]
-      if self._raise:
-        raise ImageError(
-            f"{message} (set data.corrupt_records='skip' to leave such "
-            "records out)")
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._parent)
+    messages = batch.pop(_SKIPPED_MESSAGES_KEY)
+    if messages and self._raise:
+      raise ImageError(
+          f"{messages[0]} (set data.corrupt_records='skip' to leave such "
+          "records out)")
+    for message in messages:
       self._skipped += 1
-      self._consecutive += 1
       if self._skipped <= _LOGGED_SKIPS:
-        logging.warning("Skipping corrupt record %d: %s", self._skipped,
-                        message)
-      if self._consecutive >= MAX_CONSECUTIVE_SKIPS:
-        raise sources.DataError(
-            f"{self._consecutive} records in a row failed to decode; the "
-            f"data looks unreadable (last: {message})")
+        logging.warning(
+            "Skipping corrupt record %d (the next readable record takes its "
+            "place): %s", self._skipped, message)
+    batch[SKIPPED_RECORDS_KEY] = np.full(len(batch["label"]), self._skipped,
+                                         np.int64)
+    return batch
 
   def get_state(self) -> dict[str, Any]:
     return {"parent": self._parent.get_state(),
@@ -294,19 +359,18 @@ class _SkipCorruptIterator(grain.DatasetIterator):
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state["parent"])
     self._skipped = int(state[SKIPPED_RECORDS_KEY])
-    self._consecutive = 0
 
 
-class _SkipCorrupt(grain.IterDataset):
-  """See `_SkipCorruptIterator`."""
+class _CountSkipped(grain.IterDataset):
+  """See `_CountSkippedIterator`."""
 
   def __init__(self, parent: grain.IterDataset, corrupt_records: str):
     super().__init__(parent)
     self._corrupt_records = corrupt_records
 
-  def __iter__(self) -> _SkipCorruptIterator:
-    return _SkipCorruptIterator(self._parent.__iter__(),
-                                self._corrupt_records)
+  def __iter__(self) -> _CountSkippedIterator:
+    return _CountSkippedIterator(self._parent.__iter__(),
+                                 self._corrupt_records)
 
 
 def make_train_dataset(index: sources.FaceIndex | EncodedFaceSet, *,
@@ -319,15 +383,21 @@ def make_train_dataset(index: sources.FaceIndex | EncodedFaceSet, *,
   """An endless stream of fixed-size training batches.
 
   Each epoch is a fresh global shuffle of the records (seeded), split into
-  `shard_count` interleaved shards of which this process reads one. Decoding
-  and augmentation run in `worker_count` processes (0 decodes in threads of
-  this process); batching comes after the worker prefetch so no element is
-  lost between workers.
+  `shard_count` interleaved shards of which this process reads one. Batch k
+  is built from positions [k * batch_size, (k + 1) * batch_size) of this
+  process's stream by one of `worker_count` processes (0: threads of this
+  process), which decode, augment and stack it and hand it over whole. Each
+  record's randomness comes from its position in the global stream, so the
+  batches are the same for any worker count.
 
-  Records that fail to decode are marked in the workers and dropped in this
-  process, where they are counted: every batch carries the running count
-  (int64 [batch], the last entry is current) under SKIPPED_RECORDS_KEY, and
-  the iterator's checkpointed state keeps it.
+  A record that fails to read or decode is skipped: it is left out of its
+  batch and its slot takes the next readable record after the batch's
+  positions (which thus appears twice, with the same augmentation). The
+  number of skipped records is the number of corrupt records among the
+  positions of the batches handed out so far; every batch carries it (int64
+  [batch], all entries equal) under SKIPPED_RECORDS_KEY, the first
+  few are logged with their origin, and the iterator's checkpointed state
+  keeps the count.
 
   Args:
     index: image files (a FaceIndex) or encoded records (an
@@ -339,17 +409,22 @@ def make_train_dataset(index: sources.FaceIndex | EncodedFaceSet, *,
     random_flip: flip each image horizontally with probability 1/2.
     worker_count: decoding processes.
     shard_index, shard_count: this process's slice of every epoch.
-    read_threads: threads reading records in each process that decodes;
+    read_threads: threads building batches in each process that decodes;
       None: 8 without workers, none in each worker (there the processes
       are the parallelism, and a thread pool per worker halves what one
       worker delivers).
     augmentation: AdaFace augmentations before the flip; None for none.
-    corrupt_records: "skip" (drop and count) or "raise".
+    corrupt_records: "skip" (replace and count, as above) or "raise" (an
+      ImageError naming the first corrupt record met).
 
   Returns:
     A grain IterDataset of {"image": [batch, s, s, 3] uint8, "label":
     [batch] int32, SKIPPED_RECORDS_KEY: [batch] int64} whose iterators can
     be checkpointed.
+
+  Raises:
+    sources.DataError: on iteration, when MAX_CONSECUTIVE_SKIPS records in
+      a row fail to decode.
   """
   if corrupt_records not in CORRUPT_RECORDS:
     raise ValueError(
@@ -373,22 +448,20 @@ def make_train_dataset(index: sources.FaceIndex | EncodedFaceSet, *,
   # position in the global stream, so the union of the processes' batches
   # is the single-process batch whatever the process count.
   dataset = dataset[shard_index::shard_count]
+  # Whole batches cross from the workers: one transfer per image capped
+  # the stream at a few thousand images/s.
+  dataset = _FaceBatches(dataset, batch_size, corrupt_records == "skip")
 
   if read_threads is None:
     read_threads = 0 if worker_count > 0 else 8
   stream = dataset.to_iter_dataset(
       grain.ReadOptions(num_threads=read_threads,
-                        prefetch_buffer_size=4 * batch_size))
+                        prefetch_buffer_size=read_threads))
   if worker_count > 0:
-    # Face crops (37 KB) travel faster pickled through the worker's pipe
-    # than in a shared-memory segment created and unlinked per element.
-    stream = grain.experimental.WithOptionsIterDataset(
-        stream, grain.experimental.DatasetOptions(min_shm_size=_MIN_SHM_SIZE))
     stream = stream.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=worker_count),
         worker_init_fn=_init_worker)
-  stream = _SkipCorrupt(stream, corrupt_records)
-  return stream.batch(batch_size, drop_remainder=True)
+  return _CountSkipped(stream, corrupt_records)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The grain stream over RecordIO and ArrayRecord: colour order, worker
 independence, resuming, corrupt records, and training from a `.rec`."""
 
+import itertools
 import json
 import os
 
@@ -69,19 +70,25 @@ def corrupt_rec(aligned_faces, tmp_path_factory):
   return _write_rec(path, payloads, 4), labels, {2, 5, 9}
 
 
-def _expected_stream(labels, corrupt, valid_needed):
-  """(labels of the first `valid_needed` good records, corrupt records met
-  on the way), in grain's seeded shuffle order over epochs."""
+def _expected_batches(labels, corrupt, batch_size, count):
+  """(labels of each of the first `count` batches, running count of skipped
+  records after each), in grain's seeded shuffle order over epochs.
+
+  Batch k takes positions [k * batch_size, (k + 1) * batch_size); the slot
+  of a corrupt record there takes the next good record after them.
+  """
   order = grain.MapDataset.range(len(labels)).seed(SEED).shuffle().repeat()
-  kept, skipped, position = [], 0, 0
-  while len(kept) < valid_needed:
-    index = order[position]
-    position += 1
-    if index in corrupt:
-      skipped += 1
-    else:
-      kept.append(labels[index])
-  return kept, skipped
+  batch_labels, counts, skipped = [], [], 0
+  for k in range(count):
+    end = (k + 1) * batch_size
+    span = [order[i] for i in range(end - batch_size, end)]
+    spares = (order[i] for i in itertools.count(end)
+              if order[i] not in corrupt)
+    batch_labels.append([labels[next(spares) if i in corrupt else i]
+                         for i in span])
+    skipped += sum(i in corrupt for i in span)
+    counts.append(skipped)
+  return batch_labels, counts
 
 
 def _data_config(kind, root):
@@ -167,20 +174,49 @@ def test_corrupt_records_are_skipped_and_counted(corrupt_rec):
   face_set = builder.build_train_index(_data_config("recordio", rec_path), "")
   assert len(face_set) == 11 and face_set.num_identities == 4
   stream = _stream(face_set)
-  batches = [next(stream) for _ in range(5)]  # 20 images: into epoch 3.
+  batches = [next(stream) for _ in range(6)]  # 24 positions: into epoch 3.
 
-  kept, skipped = _expected_stream(labels, corrupt, 20)
-  assert skipped >= 6  # Epochs 1 and 2 entirely, 3 corrupt records each.
-  got = np.concatenate([b["label"] for b in batches]).tolist()
-  assert got == kept
-  assert batches[-1][pipeline.SKIPPED_RECORDS_KEY][-1] == skipped
-  counts = [int(b[pipeline.SKIPPED_RECORDS_KEY][-1]) for b in batches]
-  assert counts == sorted(counts)
+  want_labels, want_counts = _expected_batches(labels, corrupt, 4, 6)
+  assert want_counts[-1] >= 6  # Epochs 1 and 2, 3 corrupt records each.
+  assert [b["label"].tolist() for b in batches] == want_labels
+  for batch, count in zip(batches, want_counts):
+    assert batch["image"].shape == (4, 112, 112, 3)
+    assert batch[pipeline.SKIPPED_RECORDS_KEY].tolist() == [count] * 4
 
+  # Slots are filled batch by batch in the workers, so neither the worker
+  # count nor a restore changes the batches or the count.
+  with_workers = _stream(face_set, 2)
+  for want in batches:
+    got = next(with_workers)
+    for key in ("image", "label", pipeline.SKIPPED_RECORDS_KEY):
+      np.testing.assert_array_equal(got[key], want[key])
+  state = json.loads(json.dumps(with_workers.get_state()))
+  assert state[pipeline.SKIPPED_RECORDS_KEY] == want_counts[-1]
+  expected = next(with_workers)
+  resumed = _stream(face_set, 2)
+  resumed.set_state(state)
+  got = next(resumed)
+  for key in ("image", "label", pipeline.SKIPPED_RECORDS_KEY):
+    np.testing.assert_array_equal(got[key], expected[key])
+
+  order = grain.MapDataset.range(len(labels)).seed(SEED).shuffle()
+  first = next(i for i in order if i in corrupt)
   strict = _stream(face_set, corrupt_records="raise")
-  with pytest.raises(pipeline.ImageError, match=r"train.rec#\d"):
-    for _ in range(5):
+  with pytest.raises(pipeline.ImageError, match=f"train.rec#{first}'"):
+    for _ in range(3):
       next(strict)
+
+
+def test_unreadable_data_stops_the_stream(tmp_path, monkeypatch):
+  # A lower bound than the real one keeps the search short (in-process).
+  monkeypatch.setattr(pipeline, "MAX_CONSECUTIVE_SKIPS", 30)
+  rec_path = _write_rec(tmp_path / "train.rec",
+                        [recordio.pack(0, b"")] * 6, 1)
+  face_set = builder.build_train_index(_data_config("recordio", rec_path), "")
+  stream = _stream(face_set, read_threads=1)
+  with pytest.raises(sources.DataError, match=r"30 records in a row failed "
+                     r"to decode.*train.rec#\d' holds no image bytes"):
+    next(stream)
 
 
 def test_train_from_rec_skips_corrupt_records(corrupt_rec, tmp_path):
@@ -205,10 +241,9 @@ def test_train_from_rec_skips_corrupt_records(corrupt_rec, tmp_path):
 
   rows = [json.loads(line) for line in open(f"{workdir}/metrics.jsonl")]
   assert [row["step"] for row in rows] == [1, 2]
-  expected = [_expected_stream(labels, corrupt, 8 * step)[1]
-              for step in (1, 2)]
+  expected = _expected_batches(labels, corrupt, 8, 2)[1]
   assert [row["skipped_records"] for row in rows] == expected
-  assert expected[-1] >= 3  # 16 good images need all of epoch 1.
+  assert expected[-1] >= 3  # 16 positions hold all of epoch 1.
   saved = os.path.join(workdir, "checkpoints", "2", "data",
                        "process_0-of-1.json")
   assert json.load(open(saved))[pipeline.SKIPPED_RECORDS_KEY] == expected[-1]
