@@ -156,7 +156,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
 
 
 def compile_train_step(learning_rate_fn, margin_loss, mesh, abstract_state):
-  """jit of `train_step` with the mesh's shardings, the state donated."""
+  """jit of `train_step` with the mesh's shardings, the state donated.
+
+  On CPU it compiles with `CPU_COMPILER_OPTIONS`.
+  """
   state_shardings = sharding_lib.state_shardings(abstract_state, mesh)
   replicated = sharding_lib.replicated(mesh)
   return jax.jit(
@@ -165,7 +168,45 @@ def compile_train_step(learning_rate_fn, margin_loss, mesh, abstract_state):
       in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh),
                     replicated),
       out_shardings=(state_shardings, replicated),
-      donate_argnums=(0,))
+      donate_argnums=(0,),
+      compiler_options=compiler_options(mesh))
+
+
+# XLA:CPU options of the project's compiled steps. This JAX release's CPU
+# compiler hands convolutions, dots and reductions to YNNPACK. For the
+# IR-ResNet's convolution weight gradients (a 3x3 output window whose
+# "kernel" is a whole feature map) YNNPACK runs 2-3x slower than XLA's Eigen
+# convolutions, and those gradients dominated the CPU train step. Listing
+# the YNNPACK fusion types without INDIVIDUAL_CONVOLUTION leaves every
+# convolution to Eigen and keeps YNNPACK for dots and reductions, where it
+# beats XLA's own loops. The compiled program is the one that
+# XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution
+# gives, but scoped to these steps. CPU compilations only; an XLA that does
+# not know the option compiles without it (with a warning).
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type":
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+}
+
+
+def compiler_options(mesh: jax.sharding.Mesh) -> dict[str, str] | None:
+  """XLA options for a step compiled for `mesh`'s devices: on CPU,
+  `CPU_COMPILER_OPTIONS` when the installed XLA accepts them; else None."""
+  if mesh.devices.flat[0].platform != "cpu" or not _cpu_options_accepted():
+    return None
+  return dict(CPU_COMPILER_OPTIONS)
+
+
+@functools.cache
+def _cpu_options_accepted() -> bool:
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(
+        jax.ShapeDtypeStruct((), jnp.float32)).compile()
+  except jax.errors.JaxRuntimeError as e:
+    logging.warning("XLA does not accept %s (%s); compiling without them",
+                    CPU_COMPILER_OPTIONS, e)
+    return False
+  return True
 
 
 def enable_compilation_cache(cache_dir: str) -> None:

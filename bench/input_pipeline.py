@@ -9,8 +9,9 @@ and converted to ArrayRecord, so both pipelines read the same bytes from the
 same files:
 
 - grain: `pipeline.make_train_dataset` over the ArrayRecord set, OpenCV
-  decoding to BGR, AdaFace's augmentations and the flip in worker
-  processes, uint8 batches (the model normalises on the device).
+  decoding to BGR, AdaFace's augmentations, the flip and the stacking into
+  uint8 batches in worker processes, which hand over whole batches (the
+  model normalises on the device).
 - PyTorch: a DataLoader running the reference's recipe as it is written
   (decode to RGB like `mx.image.imdecode`, reverse to BGR, a PIL image,
   `np.random` coins, torch-RNG crop box, jitter and flip, then ToTensor and
@@ -192,7 +193,8 @@ def main():
                                        opened.dataset_dir)
     print(f"{len(face_set)} images of {face_set.num_identities} identities, "
           f"batch {args.batch}, {args.batches} timed batches, augmentation "
-          f"probability {args.probability}, {os.cpu_count()} CPUs")
+          f"probability {args.probability}, {os.cpu_count()} CPUs, 1-minute "
+          f"load {os.getloadavg()[0]:.2f}")
     print(f"{'workers':>7} | {'grain img/s':>11} | {'torch img/s':>11} | "
           f"{'ratio':>5}")
     for workers in (int(w) for w in args.workers.split(",")):
@@ -202,6 +204,8 @@ def main():
         theirs = max(theirs, torch_rate(opened.source, workers, args))
       print(f"{workers:>7} | {ours:>11.0f} | {theirs:>11.0f} | "
             f"{ours / theirs:>5.2f}")
+    # Other processes slow both pipelines down, not always equally.
+    print(f"1-minute load at the end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -84,6 +84,10 @@ def parse_args():
                       help="device peak for MFU when not in the table")
   parser.add_argument("--profile", type=int, default=0,
                       help="trace one JAX train step; show this many ops")
+  parser.add_argument("--cpu_options", default="project",
+                      choices=("project", "none"),
+                      help="XLA:CPU options: the project's "
+                      "(train_lib.CPU_COMPILER_OPTIONS) or XLA's defaults")
   return parser.parse_args()
 
 
@@ -95,8 +99,7 @@ def make_config(args):
   config.model.stage_widths = ints(args.stage_widths)
   config.model.embedding_size = args.embedding
   config.model.dtype = args.dtype
-  if "remat" in config.model:
-    config.model.remat = ints(args.remat)
+  config.model.remat = ints(args.remat)
   config.head.num_classes = args.classes
   config.data.batch_size = args.batch
   return config
@@ -118,11 +121,18 @@ def random_batch(batch_size: int, num_classes: int) -> dict[str, np.ndarray]:
 class JaxSteps:
   """The compiled train and inference steps of the project's model."""
 
-  def __init__(self, config, host_batch):
+  def __init__(self, config, host_batch, cpu_options: str = "project"):
     self.mesh = sharding_lib.create_mesh(config.mesh)
+    if cpu_options == "none":
+      # XLA's defaults, for comparison: the train step then compiles
+      # without the project's options too.
+      train_lib.compiler_options = lambda mesh: None
+    options = train_lib.compiler_options(self.mesh)
+    self.compiler_options = options
     num_classes = config.head.num_classes
     model = model_lib.create_model(
         config, sharding_lib.padded_class_count(num_classes, self.mesh))
+    model = train_lib.with_remat(model, config.model.remat)
     durations = optim.Durations(1000, 1000, 0, ())
     lr_fn = optim.create_learning_rate_fn(0.1, durations, 0.1)
     tx = optim.create_optimizer(config.optimizer, lr_fn)
@@ -140,7 +150,7 @@ class JaxSteps:
     self.compile_seconds = time.perf_counter() - start
 
     embed = jax.jit(lambda variables, images: model.apply(
-        variables, images, method=model.embed))
+        variables, images, method=model.embed), compiler_options=options)
     self.infer_fn = embed.lower(self.variables(), self.batch["image"]
                                 ).compile()
 
@@ -340,7 +350,9 @@ def profile_train_step(jax_steps: JaxSteps, top: int):
   for name, ms in per_op.items():
     per_kind[hlo_ops[name][0]] += ms
   total = sum(per_kind.values())
-  print(f"\nprofile: {total:.0f} ms of thread time in XLA operations")
+  print(f"\nprofile of one train step: {total:.0f} ms of thread time in "
+        "traced XLA operations (operations without trace events, such as "
+        "XLA:CPU's Eigen convolutions, are not counted)")
   for kind, ms in per_kind.most_common():
     print(f"  {kind:<22}{ms:>9.1f} ms {100 * ms / total:>5.1f}%")
   for name, ms in per_op.most_common(top):
@@ -370,8 +382,16 @@ def _entry_ops(hlo_text: str) -> dict:
     source = re.search(r'op_name="([^"]*)"', line)
     source = source.group(1) if source else ""
     ops[name] = (_op_kind(opcode, line, body, source), shape,
-                 source.split("/")[-2] if source.count("/") > 1 else "")
+                 _module_path(source))
   return ops
+
+
+def _module_path(source: str) -> str:
+  """"jit(f)/jvp(...)/backbone/body_0/res_conv2/conv" -> "body_0/res_conv2"."""
+  parts = source.split("/")[:-1]
+  if "backbone" in parts:
+    return "/".join(parts[parts.index("backbone") + 1:])
+  return parts[-1] if parts else ""
 
 
 def _op_kind(opcode: str, line: str, body: list, source: str) -> str:
@@ -403,7 +423,7 @@ def main():
   host_batch = random_batch(args.batch, args.classes)
   threads = len(os.sched_getaffinity(0))
 
-  jax_steps = JaxSteps(config, host_batch)
+  jax_steps = JaxSteps(config, host_batch, args.cpu_options)
   calls = {}
   if "train" in modes:
     calls["jax train"] = jax_steps.train
@@ -423,9 +443,10 @@ def main():
         f"widths {config.model.stage_widths or 'default'} batch {args.batch} "
         f"dtype {args.dtype} remat {args.remat or 'none'} on "
         f"{jax.device_count()} x {device.device_kind}; {threads} CPU threads "
-        f"for PyTorch; {args.repeats} alternating repetitions of "
+        f"for PyTorch if run; {args.repeats} alternating repetitions of "
         f"{args.steps} step(s), medians")
-  print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; compiler options "
+        f"{jax_steps.compiler_options or 'none'}")
   print(f"compile (train step): {jax_steps.compile_seconds:.1f} s")
 
   medians = time_alternating(calls, args.steps, args.repeats)

@@ -32,7 +32,7 @@ _SKIPPED_MESSAGES_KEY = "skipped_messages"
 # stop rather than skip forever.
 MAX_CONSECUTIVE_SKIPS = 1000
 _LOGGED_SKIPS = 20
-_MIN_SHM_SIZE = 1 << 20
+_MIN_SHM_SIZE = 1 << 16
 
 
 class ImageError(ValueError):
@@ -296,7 +296,8 @@ class _FaceBatches(grain.MapDataset):
             "label": np.array([face["label"] for face in faces], np.int32),
             _SKIPPED_MESSAGES_KEY: skipped}
 
-  def _fill_corrupt_slots(self, faces: list[dict], position: int) -> list:
+  def _fill_corrupt_slots(self, faces: list[dict],
+                          position: int) -> list[dict]:
     """Puts the readable faces from `position` on into the corrupt slots.
 
     Raises:
@@ -391,13 +392,15 @@ def make_train_dataset(index: sources.FaceIndex | EncodedFaceSet, *,
   batches are the same for any worker count.
 
   A record that fails to read or decode is skipped: it is left out of its
-  batch and its slot takes the next readable record after the batch's
-  positions (which thus appears twice, with the same augmentation). The
-  number of skipped records is the number of corrupt records among the
-  positions of the batches handed out so far; every batch carries it (int64
-  [batch], all entries equal) under SKIPPED_RECORDS_KEY, the first
-  few are logged with their origin, and the iterator's checkpointed state
-  keeps the count.
+  batch k, and its slot takes the next readable record not yet used by the
+  batch, reading this process's stream forward from position
+  (k + 1) * batch_size (that record thus also appears in a later batch,
+  identically augmented). The skipped count is the number of corrupt
+  records at the positions of the batches handed out so far (records met
+  while filling a slot count with their own batch); every batch carries it
+  (int64 [batch], all entries equal) under SKIPPED_RECORDS_KEY, the first
+  20 are logged with their origin, and the iterator's checkpointed state
+  keeps it.
 
   Args:
     index: image files (a FaceIndex) or encoded records (an
@@ -411,8 +414,7 @@ def make_train_dataset(index: sources.FaceIndex | EncodedFaceSet, *,
     shard_index, shard_count: this process's slice of every epoch.
     read_threads: threads building batches in each process that decodes;
       None: 8 without workers, none in each worker (there the processes
-      are the parallelism, and a thread pool per worker halves what one
-      worker delivers).
+      are the parallelism).
     augmentation: AdaFace augmentations before the flip; None for none.
     corrupt_records: "skip" (replace and count, as above) or "raise" (an
       ImageError naming the first corrupt record met).
@@ -458,6 +460,10 @@ def make_train_dataset(index: sources.FaceIndex | EncodedFaceSet, *,
       grain.ReadOptions(num_threads=read_threads,
                         prefetch_buffer_size=read_threads))
   if worker_count > 0:
+    # A batch of images crosses faster in a shared-memory segment than
+    # pickled through the worker's pipe; labels are too small to gain.
+    stream = grain.experimental.WithOptionsIterDataset(
+        stream, grain.experimental.DatasetOptions(min_shm_size=_MIN_SHM_SIZE))
     stream = stream.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=worker_count),
         worker_init_fn=_init_worker)
