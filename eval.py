@@ -35,7 +35,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   reporting.quiet_library_logs()
-  eval_lib.evaluate(_CONFIG.value, _WORKDIR.value, _STEP.value, _SETS.value)
+  reporting.exit_on_user_error(
+      eval_lib.evaluate, _CONFIG.value, _WORKDIR.value, _STEP.value,
+      _SETS.value)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ def main(argv):
   reporting.quiet_library_logs()
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value, _MULTIHOST.value)
-  train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  reporting.exit_on_user_error(
+      train_lib.train_and_evaluate, _CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -188,6 +188,30 @@ class _OwnInfoOnly(logging_std.Filter):
     return any(part in record.pathname for part in self._OWN)
 
 
+# Errors that describe bad input completely in their message; a traceback
+# would only bury it.
+USER_ERRORS = (FileNotFoundError, FileExistsError)
+
+
+def exit_on_user_error(fn, *args):
+  """Runs fn(*args); a user error or an interrupt exits with its message.
+
+  Data and image errors (`data_pipeline.sources.DataError`, `ImageError`)
+  and missing files print one line and exit with status 1; an interrupted
+  run (its checkpoint already saved) exits with status 130.
+  """
+  from data_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+  from data_pipeline import sources  # pylint: disable=g-import-not-at-top
+  try:
+    return fn(*args)
+  except KeyboardInterrupt as e:
+    print(f"Interrupted: {e}" if str(e) else "Interrupted.", file=sys.stderr)
+    raise SystemExit(130) from None
+  except (sources.DataError, pipeline.ImageError) + USER_ERRORS as e:
+    print(f"Error: {e}", file=sys.stderr)
+    raise SystemExit(1) from None
+
+
 def quiet_library_logs() -> None:
   """Installs `_OwnInfoOnly` on the absl logger (call once in a main)."""
   for target in (logging.get_absl_logger(), logging.get_absl_handler()):

@@ -7,6 +7,7 @@ device, which moves a quarter of the bytes a float32 batch would.
 import collections.abc
 import dataclasses
 import os
+import signal
 from typing import Any, Iterator, Sequence
 
 from absl import logging
@@ -197,7 +198,8 @@ class LoadTrainingFace(grain.transforms.RandomMap):
       return {_CORRUPT_KEY: str(e)}
     rgb = fit_face(rgb, record.landmarks, self.image_size, self.alignment,
                    record.path)
-    image = np.ascontiguousarray(rgb[:, :, ::-1])
+    # Same bytes as rgb[:, :, ::-1], without numpy's slow strided copy.
+    image = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
     return _augment_and_flip(image, record.label, rng, self.augmentation,
                              self.random_flip)
 
@@ -244,7 +246,8 @@ def _augment_and_flip(image: np.ndarray, label: int, rng: np.random.Generator,
   """The reference's order: crop, low resolution, photometric, then flip."""
   image = augment_lib.augment(image, rng, augmentation)
   if random_flip and rng.random() < 0.5:
-    image = image[:, ::-1]
+    # Same bytes as image[:, ::-1] made contiguous, dozens of times faster.
+    image = cv2.flip(image, 1)
   return {"image": np.ascontiguousarray(image), "label": np.int32(label)}
 
 
@@ -253,6 +256,10 @@ def _init_worker(worker_index: int, worker_count: int) -> None:
   # Parallelism comes from the worker processes; OpenCV's own threads on
   # 112x112 images only contend with them.
   cv2.setNumThreads(1)
+  # A terminal's Ctrl-C reaches the whole process group. The training loop
+  # turns it into a checkpoint and a clean stop; a worker that died of it
+  # first would take the batches that checkpoint needs with it.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _FaceBatches(grain.MapDataset):
@@ -448,7 +455,8 @@ def make_train_dataset(index: sources.FaceIndex | EncodedFaceSet, *,
   dataset = dataset.random_map(load)
   # Sharding after the random map keeps each record's randomness tied to its
   # position in the global stream, so the union of the processes' batches
-  # is the single-process batch whatever the process count.
+  # is the single-process batch whatever the process count (corrupt records
+  # aside: each process fills their slots from its own shard).
   dataset = dataset[shard_index::shard_count]
   # Whole batches cross from the workers: one transfer per image capped
   # the stream at a few thousand images/s.
