@@ -17,6 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from adaface_jax import eval_lib
+from adaface_jax import host_memory
 from adaface_jax import reporting
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -34,6 +35,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  host_memory.keep_freed_memory()  # Before JAX starts its backend.
   reporting.quiet_library_logs()
   reporting.exit_on_user_error(
       eval_lib.evaluate, _CONFIG.value, _WORKDIR.value, _STEP.value,

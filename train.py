@@ -11,6 +11,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from adaface_jax import distributed
+from adaface_jax import host_memory
 from adaface_jax import reporting
 from adaface_jax import train_lib
 
@@ -34,6 +35,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  host_memory.keep_freed_memory()  # Before JAX starts its backend.
   reporting.quiet_library_logs()
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value, _MULTIHOST.value)

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 
 # Units per stage of the basic-block variants. The reference names the
@@ -33,6 +34,109 @@ kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # 3x3 convolutions pad one pixel on every side, as PyTorch's padding=1.
 # Flax's "SAME" pads (0, 1) for stride 2 on even sizes, which shifts the grid.
 SYMMETRIC_PAD = ((1, 1), (1, 1))
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+# Input gradient of a stride-2 3x3 convolution, one output parity at a time.
+# Along one axis, input pixel 2i takes kernel tap 1 of output i, and pixel
+# 2i + 1 takes tap 2 of output i and tap 0 of output i + 1: parity ->
+# ((output offset, kernel tap), ...).
+_PHASE_TAPS = {0: ((0, 1),), 1: ((0, 2), (1, 0))}
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides,
+                         padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1,
+                         precision=None) -> jax.Array:
+  """`lax.conv_general_dilated` whose stride-2 3x3 case trains fast on CPU.
+
+  XLA differentiates a strided convolution into an input-dilated one, which
+  its CPU backend runs at a fraction of the speed of a plain convolution
+  (about 17 vs 110 GFLOP/s on the IR-ResNet's first stride-2 layer). For
+  the backbone's stride-2 3x3 convolutions (NHWC, padding 1, even input
+  sizes) the input gradient is computed instead as four stride-1
+  convolutions, one per output parity, interleaved: the same products,
+  summed in another order. Other platforms keep XLA's own gradient; the
+  forward pass and every other convolution are unchanged.
+  """
+  strided_3x3 = (
+      tuple(window_strides) == (2, 2)
+      and tuple(map(tuple, padding)) == SYMMETRIC_PAD
+      and rhs.shape[:2] == (3, 3) and lhs.ndim == 4
+      and lhs.shape[1] % 2 == 0 and lhs.shape[2] % 2 == 0
+      and not any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
+      and feature_group_count == 1 and precision is None
+      and dimension_numbers == lax.conv_dimension_numbers(
+          lhs.shape, rhs.shape, _NHWC))
+  if strided_3x3:
+    return _conv3x3_stride2(lhs, rhs)
+  return lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count, precision=precision)
+
+
+def _lax_conv3x3_stride2(images: jax.Array, kernel: jax.Array) -> jax.Array:
+  return lax.conv_general_dilated(images, kernel, (2, 2), SYMMETRIC_PAD,
+                                  dimension_numbers=_NHWC)
+
+
+@jax.custom_vjp
+def _conv3x3_stride2(images: jax.Array, kernel: jax.Array) -> jax.Array:
+  return _lax_conv3x3_stride2(images, kernel)
+
+
+def _conv3x3_stride2_fwd(images, kernel):
+  return _lax_conv3x3_stride2(images, kernel), (images, kernel)
+
+
+def _conv3x3_stride2_bwd(residuals, grads):
+  images, kernel = residuals
+  _, kernel_vjp = jax.vjp(lambda k: _lax_conv3x3_stride2(images, k), kernel)
+  (kernel_grads,) = kernel_vjp(grads)
+  image_spec = jax.ShapeDtypeStruct(images.shape, images.dtype)
+
+  def xla_image_grads(grads, kernel):
+    transpose = jax.linear_transpose(
+        lambda x: _lax_conv3x3_stride2(x, kernel), image_spec)
+    return transpose(grads)[0]
+
+  image_grads = lax.platform_dependent(
+      grads, kernel, cpu=_stride2_image_grads, default=xla_image_grads)
+  return image_grads, kernel_grads
+
+
+_conv3x3_stride2.defvjp(_conv3x3_stride2_fwd, _conv3x3_stride2_bwd)
+
+
+def _stride2_image_grads(grads: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Input gradient of a stride-2 3x3 convolution (padding 1).
+
+  Args:
+    grads: [batch, h, w, out] gradient w.r.t. the convolution's output.
+    kernel: [3, 3, in, out].
+
+  Returns:
+    [batch, 2h, 2w, in]: for each parity (a, b) a stride-1 convolution of
+    `grads` with the taps `_PHASE_TAPS` gives pixels (2i + a, 2j + b).
+  """
+  def phase(a, b):
+    rows, cols = _PHASE_TAPS[a], _PHASE_TAPS[b]
+    taps = jnp.stack([jnp.stack([kernel[kh, kw] for _, kw in cols])
+                      for _, kh in rows])
+    # Output channels are contracted: the taps' in/out axes swap.
+    taps = jnp.swapaxes(taps, 2, 3)
+    # Offset 1 reads the next output, zero past the last one.
+    padding = ((0, len(rows) - 1), (0, len(cols) - 1))
+    return lax.conv_general_dilated(grads, taps, (1, 1), padding,
+                                    dimension_numbers=_NHWC)
+
+  batch, height, width, _ = grads.shape
+  # [batch, h, 2 (row parity), w, 2 (column parity), in].
+  phases = jnp.stack(
+      [jnp.stack([phase(a, 0), phase(a, 1)], axis=3) for a in (0, 1)],
+      axis=2)
+  return phases.reshape(batch, 2 * height, 2 * width, kernel.shape[2])
 
 
 class BatchNorm(nn.Module):
@@ -122,7 +226,8 @@ class IRUnit(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     conv = lambda features, kernel, strides, padding, name: nn.Conv(
         features, kernel, strides, padding=padding, use_bias=False,
-        kernel_init=kaiming_fan_out, dtype=self.dtype, name=name)
+        kernel_init=kaiming_fan_out, dtype=self.dtype,
+        conv_general_dilated=conv_general_dilated, name=name)
     norm = lambda name: BatchNorm(
         unbiased_running_var=self.unbiased_running_var, name=name)
 
@@ -136,11 +241,13 @@ class IRUnit(nn.Module):
             residual)
     residual = norm("res_bn3")(residual, train)
 
-    if x.shape[-1] == self.features:
-      shortcut = x[:, ::self.strides, ::self.strides, :]
-    else:
-      shortcut = conv(self.features, (1, 1), self.strides, "VALID",
-                      "shortcut_conv")(x)
+    # A strided 1x1 convolution reads every `strides`-th pixel: subsampling
+    # first is the same arithmetic, and its gradient is a plain matrix
+    # product instead of an input-dilated convolution.
+    shortcut = x[:, ::self.strides, ::self.strides, :]
+    if x.shape[-1] != self.features:
+      shortcut = conv(self.features, (1, 1), 1, "VALID", "shortcut_conv")(
+          shortcut)
       shortcut = norm("shortcut_bn")(shortcut, train)
     return residual + shortcut
 

@@ -50,6 +50,7 @@ import tqdm
 
 from adaface_jax import backbone as backbone_lib
 from adaface_jax import checkpointing
+from adaface_jax import host_memory
 from adaface_jax import model as model_lib
 from adaface_jax import reporting
 from adaface_jax import verification
@@ -675,6 +676,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+  host_memory.keep_freed_memory()  # Before JAX starts its backend.
   logging.set_verbosity(logging.INFO)
   reporting.quiet_library_logs()
   try:

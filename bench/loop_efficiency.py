@@ -37,6 +37,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from adaface_jax import host_memory
 from adaface_jax import model as model_lib
 from adaface_jax import optim
 from adaface_jax import reporting
@@ -123,6 +124,7 @@ def loop_images_per_second(config, workdir: str) -> float:
 
 def main():
   args = parse_args()
+  host_memory.keep_freed_memory()  # As train.py does, before the backend.
   flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags.
   reporting.quiet_library_logs()
   worker_counts = [int(w) for w in args.workers.split(",") if w]

@@ -13,9 +13,12 @@ batch and normalise it inside the step. PyTorch gets as many threads as this
 process may use cores, the pool XLA's CPU client sizes itself to.
 
 Each repetition times `--steps` consecutive calls of every step in turn (JAX
-train, PyTorch train, JAX inference, PyTorch inference), so load from
-elsewhere on the machine falls on both; the table gives the median over
-repetitions and the JAX/PyTorch throughput ratio (above 1: JAX is faster).
+train, PyTorch train, JAX inference, PyTorch inference), each block after
+one untimed call, so load from elsewhere on the machine falls on both; the
+table gives the median over repetitions, the spread, and the JAX/PyTorch
+throughput ratio (above 1: JAX is faster). Like train.py, the script first
+sets the process's C allocator to keep freed memory (`host_memory`), for
+both frameworks.
 
 FLOPs per image come from XLA's cost analysis of the compiled steps; MFU is
 printed where the device's peak for the dtype is known (`PEAK_TFLOPS`, or
@@ -48,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adaface_jax import convert
+from adaface_jax import host_memory
 from adaface_jax import model as model_lib
 from adaface_jax import optim
 from adaface_jax import sharding as sharding_lib
@@ -279,25 +283,30 @@ def _is_batch_norm(net, parameter_name: str) -> bool:
 
 
 def time_alternating(calls: dict, steps: int, repeats: int) -> dict:
-  """Median seconds per call of each function, repetitions interleaved.
+  """Seconds per call of each function, one entry per repetition.
 
-  Every function is called once first (warm-up, not timed).
+  Repetitions are interleaved. Each block of `steps` timed calls follows one
+  untimed call of the same function: the first step after the other
+  framework ran pays for memory the other one took (seen here: a JAX IR-50
+  step 3-6 s slower right after a PyTorch step), which a training loop,
+  running one framework, never does.
   """
-  for fn in calls.values():
-    fn()
   seconds = collections.defaultdict(list)
   for _ in range(repeats):
     for name, fn in calls.items():
+      fn()
       start = time.perf_counter()
       for _ in range(steps):
         fn()
       seconds[name].append((time.perf_counter() - start) / steps)
-  return {name: statistics.median(v) for name, v in seconds.items()}
+  return dict(seconds)
 
 
-def print_table(args, medians: dict, flops: dict, peak: float):
+def print_table(args, samples: dict, flops: dict, peak: float):
+  """One row per step: medians, and the spread over repetitions."""
+  medians = {name: statistics.median(v) for name, v in samples.items()}
   print(f"{'step':<16}{'ms/step':>10}{'images/s':>10}{'GFLOP/img':>11}"
-        f"{'TFLOP/s':>9}{'MFU':>7}")
+        f"{'TFLOP/s':>9}{'MFU':>7}  ms/step min-max")
   for name, seconds in medians.items():
     per_image = flops.get(name, 0.0) / args.batch
     rate = args.batch / seconds
@@ -305,8 +314,9 @@ def print_table(args, medians: dict, flops: dict, peak: float):
     mfu = f"{100 * achieved / peak:.1f}%" if peak and per_image else "-"
     gflop = f"{per_image / 1e9:.2f}" if per_image else "-"
     tflops = f"{achieved:.3f}" if per_image else "-"
+    spread = f"{1000 * min(samples[name]):.0f}-{1000 * max(samples[name]):.0f}"
     print(f"{name:<16}{1000 * seconds:>10.1f}{rate:>10.2f}{gflop:>11}"
-          f"{tflops:>9}{mfu:>7}")
+          f"{tflops:>9}{mfu:>7}  {spread}")
   for mode in ("train", "inference"):
     jax_s, torch_s = medians.get(f"jax {mode}"), medians.get(f"torch {mode}")
     if jax_s and torch_s:
@@ -417,6 +427,7 @@ def _op_kind(opcode: str, line: str, body: list, source: str) -> str:
 
 def main():
   args = parse_args()
+  host_memory.keep_freed_memory()  # As train.py does, before the backend.
   config = make_config(args)
   frameworks = args.frameworks.split(",")
   modes = args.modes.split(",")
@@ -449,7 +460,7 @@ def main():
         f"{jax_steps.compiler_options or 'none'}")
   print(f"compile (train step): {jax_steps.compile_seconds:.1f} s")
 
-  medians = time_alternating(calls, args.steps, args.repeats)
+  samples = time_alternating(calls, args.steps, args.repeats)
   flops = {"jax train": flops_of(jax_steps.train_fn),
            "jax inference": flops_of(jax_steps.infer_fn)}
   # The same network and loss: PyTorch does the same arithmetic.
@@ -459,7 +470,7 @@ def main():
   flops = {k: v * jax.device_count() for k, v in flops.items()}
   peak = peak_tflops(device, args.dtype, args.peak_tflops)
   peak *= jax.device_count()
-  print_table(args, medians, flops, peak)
+  print_table(args, samples, flops, peak)
   print_memory(jax_steps)
   if args.profile:
     profile_train_step(jax_steps, args.profile)

@@ -108,3 +108,37 @@ def test_resolve_spec_errors():
   assert backbone.resolve_spec("ir_50").stage_units == (3, 4, 14, 3)
   assert backbone.resolve_spec("ir_18", None, (8, 16, 32, 64)).stage_widths == (
       8, 16, 32, 64)
+
+
+@pytest.mark.parametrize("size", [(8, 10), (14, 14)])
+def test_stride2_conv_gradients_equal_xla(size):
+  """The stride-2 3x3 convolution's own input gradient (four stride-1
+  convolutions, one per output parity) equals XLA's, as does the rest."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  images = jax.random.normal(keys[0], (2, *size, 5))
+  kernel = jax.random.normal(keys[1], (3, 3, 5, 7))
+  numbers = jax.lax.conv_dimension_numbers(images.shape, kernel.shape,
+                                           ("NHWC", "HWIO", "NHWC"))
+
+  def conv_with(conv_fn):
+    return lambda x, k: conv_fn(x, k, (2, 2), backbone.SYMMETRIC_PAD,
+                                dimension_numbers=numbers)
+
+  xla_conv = conv_with(jax.lax.conv_general_dilated)
+  own_conv = conv_with(backbone.conv_general_dilated)
+  output_grads = jax.random.normal(keys[2], xla_conv(images, kernel).shape)
+
+  def grads(conv):
+    loss = lambda x, k: jnp.sum(conv(x, k) * output_grads)
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(images, kernel)
+
+  np.testing.assert_allclose(own_conv(images, kernel),
+                             xla_conv(images, kernel), rtol=1e-5, atol=1e-5)
+  for own, xla in zip(grads(own_conv), grads(xla_conv)):
+    np.testing.assert_allclose(own, xla, rtol=1e-5, atol=1e-5)
+
+  # The custom gradient is really taken: XLA's would differentiate into an
+  # input-dilated convolution.
+  compiled = jax.jit(jax.grad(lambda x: jnp.sum(own_conv(x, kernel)))).lower(
+      images).compile().as_text()
+  assert "lhs_dilate" not in compiled or jax.default_backend() != "cpu"
