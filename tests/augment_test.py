@@ -180,3 +180,26 @@ def test_params_from_config_and_validation():
   assert math.isclose(params.crop_ratio[1], 4 / 3)
   with pytest.raises(ValueError, match="photometric_prob=1.5"):
     augment.AugmentParams(photometric_prob=1.5)
+
+
+def test_jitter_equals_pil_enhancers_byte_for_byte():
+  """The numpy enhancers against PIL's own, which the reference calls: real
+  and random images, factors inside and outside [0, 1] (PIL interpolates
+  in one branch and extrapolates with clipping in the other)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import ImageEnhance  # pylint: disable=g-import-not-at-top
+
+  pairs = ((augment._brightness, ImageEnhance.Brightness),  # pylint: disable=protected-access
+           (augment._contrast, ImageEnhance.Contrast),  # pylint: disable=protected-access
+           (augment._saturation, ImageEnhance.Color))  # pylint: disable=protected-access
+  rng = np.random.default_rng(0)
+  images = [_face(seed) for seed in range(4)]
+  # Low-contrast images put many values near the clipping bounds.
+  images += [(image // 4 + 150).astype(np.uint8) for image in images[:2]]
+  factors = [0.0, 0.5, 1.0, 1.5, 2.0] + list(rng.uniform(0.5, 1.5, 20))
+  for image in images:
+    for factor in factors:
+      for ours, theirs in pairs:
+        expected = np.array(theirs(Image.fromarray(image)).enhance(factor))
+        np.testing.assert_array_equal(ours(image, factor), expected,
+                                      err_msg=f"{theirs.__name__} {factor}")
