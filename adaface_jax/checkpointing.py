@@ -13,6 +13,7 @@ import flax
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from adaface_jax import sharding as sharding_lib
@@ -80,6 +81,15 @@ def _check_shapes(template, saved: dict, step: int, directory) -> None:
         f"checkpoint step {step} in {directory} does not match the model "
         f"this config builds: {key} {problem}; use the config it was trained "
         "with, or another --workdir")
+
+
+def check_variables_fit(template, variables, step: int, directory) -> None:
+  """Fails, naming the first differing array, when loaded `variables` do not
+  fit the `template` tree of shapes (e.g. `jax.eval_shape` of an init)."""
+  flat = jax.tree_util.tree_flatten_with_path(variables)[0]
+  saved = {jax.tree_util.keystr(path): tuple(np.shape(leaf))
+           for path, leaf in flat}
+  _check_shapes(template, saved, step, directory)
 
 
 def _fit_classes(array: jax.Array, num_columns: int, sharding) -> jax.Array:
@@ -185,10 +195,15 @@ def load_variables(workdir: str, step: int | None = None) -> tuple[
         f"no checkpoints in {checkpoint_dir(workdir)!r}; train first with "
         "the same --workdir")
   manager = create_manager(workdir, max_to_keep=1, read_only=True)
-  step = manager.latest_step() if step is None else step
-  if step is None:
+  saved_steps = sorted(manager.all_steps())
+  if not saved_steps:
     raise FileNotFoundError(
         f"{checkpoint_dir(workdir)!r} holds no finished checkpoint")
+  step = saved_steps[-1] if step is None else step
+  if step not in saved_steps:
+    raise FileNotFoundError(
+        f"{checkpoint_dir(workdir)!r} has no checkpoint at step {step}; it "
+        f"holds steps {', '.join(map(str, saved_steps))}")
   # The run may have used another device topology: read every array onto
   # this process's first device.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

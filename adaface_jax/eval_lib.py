@@ -39,6 +39,7 @@ from typing import Any
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -392,6 +393,17 @@ def make_embedder(config: ml_collections.ConfigDict,
       with_flip=flip_fusion != "none")
 
 
+def backbone_shapes(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{"params", "batch_stats"} of ShapeDtypeStructs of the backbone that
+  `config.model` builds, computed without allocating it."""
+  backbone = model_lib.create_backbone(config.model)
+  size = config.data.image_size
+  images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  shapes = jax.eval_shape(
+      lambda x: backbone.init(jax.random.key(0), x, train=False), images)
+  return {"params": shapes["params"], "batch_stats": shapes["batch_stats"]}
+
+
 def _backbone_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
   """The backbone's part of a whole model's {"params", "batch_stats"}."""
   return {"params": variables["params"]["backbone"],
@@ -513,13 +525,19 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns:
     {set name: figures}; empty when no set is enabled.
   """
+  # The checkpoint first: a wrong --workdir or --step, or a config that
+  # does not build the trained model, fails before any set is prepared.
+  variables, step = checkpointing.load_variables(workdir, step)
+  backbone_variables = _backbone_variables(variables)
+  checkpointing.check_variables_fit(
+      backbone_shapes(config), backbone_variables, step,
+      checkpointing.checkpoint_dir(workdir))
   eval_sets = build_sets(config, workdir, sets)
   if not eval_sets:
     logging.warning("No evaluation set is enabled (eval.pairs and every "
                     "eval.sets.*.path are empty).")
     return {}
-  variables, step = checkpointing.load_variables(workdir, step)
-  embedder = make_embedder(config, _backbone_variables(variables))
+  embedder = make_embedder(config, backbone_variables)
   results = run_sets(eval_sets, embedder, config, workdir)
 
   print(format_report(results, step, config.eval.flip_fusion))
@@ -627,6 +645,10 @@ class TrainingEvaluator:
                           if s.kind in VERIFICATION_KINDS}
     self._embedder = None
     self.best = BestBackbone(os.path.join(workdir, BEST_SUBDIR))
+
+  def is_due(self, step: int) -> bool:
+    """Whether any set is evaluated at `step`."""
+    return any(step % s.every_steps == 0 for s in self._sets.values())
 
   def maybe_evaluate(self, step: int, state: Any,
                      message: Callable[[str], None] = logging.info

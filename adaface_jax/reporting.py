@@ -5,11 +5,13 @@ rate, throughput, step time, ETA and the AdaFace feature-norm statistics.
 Every logged value also goes to `<workdir>/metrics.jsonl`.
 """
 
+import contextlib
 import datetime
 import json
 import logging as logging_std
 import math
 import os
+import re
 import sys
 import time
 
@@ -88,6 +90,16 @@ class Reporter:
     if self._bar is not None:
       self._bar.update(start_step)
     self._start_step = start_step
+
+  @contextlib.contextmanager
+  def paused(self):
+    """Leaves the time spent inside out of the throughput and ETA."""
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      if self._interval_start is not None:
+        self._interval_start += time.perf_counter() - start
 
   def tick(self, step: int) -> None:
     """Called after each step is dispatched."""
@@ -209,6 +221,38 @@ def exit_on_user_error(fn, *args):
     raise SystemExit(130) from None
   except (sources.DataError, pipeline.ImageError) + USER_ERRORS as e:
     print(f"Error: {e}", file=sys.stderr)
+    raise SystemExit(1) from None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, for `app.run(..., flags_parser=parse_flags)`.
+
+  ml_collections reports an override of a field the config lacks
+  (`--config.head.mm=0.3`) with a bare traceback ending in
+  `AttributeError: "'mm'"`; this names the flag in one line instead.
+  Other flag errors print as absl prints them.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull "
+          "to see help on flags.", file=sys.stderr)
+    raise SystemExit(1) from None
+  except (AttributeError, KeyError) as e:
+    # The message holds the field in quotes, and sometimes a suggestion.
+    text = str(e).replace("\\", "")
+    field = re.search(r"'(\w+)'", text)
+    field = field.group(1) if field else text
+    suggestion = re.search(r'Did you mean "(\w+)"', text)
+    overrides = [arg.split("=", 1)[0] for arg in argv[1:]
+                 if arg.startswith("--config.")]
+    named = [flag for flag in overrides if field in flag.split(".")]
+    flag = named[0] if named else "--config override"
+    hint = (f"did you mean {suggestion.group(1)!r}?" if suggestion
+            else "see the config file for its fields")
+    print(f"Error: {flag}: the config has no field {field!r}; {hint}",
+          file=sys.stderr)
     raise SystemExit(1) from None
 
 

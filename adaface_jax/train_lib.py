@@ -479,9 +479,12 @@ def _run_loop(config, state, data_iterator, p_train_step, step_rng, manager,
         pending_metrics = []
       if step % ckpt_every == 0 or step == total_steps or stop.requested:
         checkpointing.save(manager, state, data_iterator)
-      if not stop.requested:
-        # Before the next step donates the state's buffers.
-        evaluator.maybe_evaluate(step, state, reporter.message)
+      if not stop.requested and evaluator.is_due(step):
+        # Before the next step donates the state's buffers. The steps in
+        # flight count as training time; the evaluation's own does not.
+        jax.block_until_ready(state)
+        with reporter.paused():
+          evaluator.maybe_evaluate(step, state, reporter.message)
       if stop.requested:
         manager.wait_until_finished()
         reporter.message(f"Stopped at step {step}; rerun the same command "

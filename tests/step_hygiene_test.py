@@ -2,6 +2,7 @@
 and is fed device batches ahead of time; rematerialisation and the
 persistent compilation cache work."""
 
+import json
 import os
 import re
 import subprocess
@@ -210,3 +211,32 @@ def test_compilation_cache_is_populated_and_reused(tmp_path):
   assert entries
   assert run() > 0  # The rerun loads the programs instead of compiling.
   assert sorted(os.listdir(cache_dir)) == sorted(entries)
+
+
+def test_time_paused_for_evaluation_is_left_out_of_throughput(
+    tmp_path, monkeypatch):
+  """With a fake clock: 4 steps of 1 s, then 10 s paused (an in-training
+  evaluation), then 4 more steps of 1 s: both intervals log 1 s a step."""
+  from adaface_jax import reporting  # pylint: disable=g-import-not-at-top
+  clock = [0.0]
+  monkeypatch.setattr(reporting.time, "perf_counter", lambda: clock[0])
+  reporter = reporting.Reporter(str(tmp_path), optim.Durations(8, 8, 0, ()),
+                                global_batch_size=4, show_progress=False)
+  metrics = [{"loss": 1.0, "accuracy": 0.5, "lr": 0.1,
+              "feature_norm_mean": 20.0, "feature_norm_std": 1.0}]
+  step = 0
+  for interval in range(2):
+    for _ in range(4):
+      clock[0] += 1.0
+      step += 1
+      reporter.tick(step)
+    reporter.log_train(step, metrics)
+    if interval == 0:
+      with reporter.paused():
+        clock[0] += 10.0
+
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  # The first tick starts the clock (compilation is timed apart): 3 steps in
+  # the first interval, 4 in the second.
+  assert [row["step_time_ms"] for row in rows] == [1000.0, 1000.0]
+  assert rows[-1]["images_per_second"] == 4.0

@@ -146,6 +146,16 @@ def test_changed_model_does_not_destroy_checkpoints(faces, tmp_path):
   assert sorted(os.listdir(checkpointing.checkpoint_dir(workdir))) == [
       "2", "4"]
 
+  # Evaluation names the first differing backbone array too, and a step
+  # that was never saved lists the saved ones.
+  with pytest.raises(ValueError,
+                     match=r"does not match the model.*has shape"):
+    eval_lib.evaluate(config, workdir)
+  config.model.embedding_size = 16
+  with pytest.raises(FileNotFoundError,
+                     match="no checkpoint at step 3; it holds steps 2, 4"):
+    eval_lib.evaluate(config, workdir, step=3)
+
 
 def _run_script(*args):
   return subprocess.run(
@@ -158,8 +168,18 @@ def test_cli_rejects_config_typo(tmp_path):
                        "--workdir", str(tmp_path / "run"),
                        "--config.head.mm=0.5")
   assert result.returncode != 0
-  assert "mm" in result.stderr
+  # One line naming the flag, not a traceback.
+  assert result.stderr.strip().splitlines() == [
+      "Error: --config.head.mm: the config has no field 'mm'; see the "
+      "config file for its fields"]
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+  result = _run_script("eval.py", "--config", "configs/synthetic.py",
+                       "--workdir", str(tmp_path / "run"),
+                       "--config.data.batch_sise=4")
+  assert result.returncode != 0
+  assert "'batch_sise'; did you mean 'batch_size'?" in result.stderr
+  assert "Traceback" not in result.stderr
 
 
 def test_cli_missing_data_root_is_named(tmp_path):
