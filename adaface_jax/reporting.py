@@ -201,16 +201,20 @@ class _OwnInfoOnly(logging_std.Filter):
 
 
 # Errors that describe bad input completely in their message; a traceback
-# would only bury it.
-USER_ERRORS = (FileNotFoundError, FileExistsError)
+# would only bury it. The project raises ValueError for bad settings, each
+# message naming the field.
+USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError)
+# Set to 1 to see the traceback of a user error too.
+TRACEBACK_ENV = "ADAFACE_TRACEBACK"
 
 
 def exit_on_user_error(fn, *args):
   """Runs fn(*args); a user error or an interrupt exits with its message.
 
-  Data and image errors (`data_pipeline.sources.DataError`, `ImageError`)
-  and missing files print one line and exit with status 1; an interrupted
-  run (its checkpoint already saved) exits with status 130.
+  Data and image errors (`data_pipeline.sources.DataError`, `ImageError`),
+  bad settings (ValueError) and missing files print one line and exit with
+  status 1 (`ADAFACE_TRACEBACK=1` keeps the traceback); an interrupted run
+  (its checkpoint already saved) exits with status 130.
   """
   from data_pipeline import pipeline  # pylint: disable=g-import-not-at-top
   from data_pipeline import sources  # pylint: disable=g-import-not-at-top
@@ -220,6 +224,8 @@ def exit_on_user_error(fn, *args):
     print(f"Interrupted: {e}" if str(e) else "Interrupted.", file=sys.stderr)
     raise SystemExit(130) from None
   except (sources.DataError, pipeline.ImageError) + USER_ERRORS as e:
+    if os.environ.get(TRACEBACK_ENV) == "1":
+      raise
     print(f"Error: {e}", file=sys.stderr)
     raise SystemExit(1) from None
 
@@ -234,7 +240,17 @@ def parse_flags(argv: list[str]) -> list[str]:
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
   try:
-    return flags.FLAGS(argv)
+    remaining = flags.FLAGS(argv)
+    if "config" in flags.FLAGS:
+      # ml_collections defers a config file's loading error to first use.
+      flags.FLAGS.config.keys()
+    return remaining
+  except OSError as e:
+    # The last line of the loader's report names the file and the reason.
+    reason = str(e.__cause__ or e).strip().splitlines()[-1].strip()
+    print(f"Error: --config: cannot load the config file: {reason}",
+          file=sys.stderr)
+    raise SystemExit(1) from None
   except flags.Error as e:
     print(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull "
           "to see help on flags.", file=sys.stderr)

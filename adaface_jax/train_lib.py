@@ -19,6 +19,7 @@ from adaface_jax import checkpointing
 from adaface_jax import classifier
 from adaface_jax import distributed
 from adaface_jax import eval_lib
+from adaface_jax import heads
 from adaface_jax import model as model_lib
 from adaface_jax import optim
 from adaface_jax import reporting
@@ -346,8 +347,19 @@ class _StopRequest:
       signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
       raise KeyboardInterrupt
     self.requested = True
-    logging.warning("Stop requested: saving a checkpoint after this step "
-                    "(signal again to stop at once)")
+    logging.warning("Stop requested: stopping at the next safe point, with "
+                    "a checkpoint once training has begun (signal again to "
+                    "stop at once)")
+
+  def stop_if_requested(self, stage: str) -> None:
+    """Raises KeyboardInterrupt when a stop came before `stage` began.
+
+    A signal raised as an exception would stop the set-up anywhere, XLA's
+    compiler threads included, which then crash the exiting interpreter;
+    set-up runs to the next of these points instead.
+    """
+    if self.requested:
+      raise KeyboardInterrupt(f"stopped before {stage}")
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -371,10 +383,54 @@ def write_config(config: ml_collections.ConfigDict, workdir: str,
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains (or resumes training) in `workdir` and returns the final state."""
+  """Trains (or resumes training) in `workdir` and returns the final state.
+
+  SIGINT and SIGTERM stop it cleanly from the start: during set-up at the
+  next stage, during training after the step in progress, with a
+  checkpoint (see `_StopRequest`).
+  """
+  with _StopRequest() as stop:
+    return _train(config, workdir, stop)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Fails on settings that cannot train, before anything is written.
+
+  Raises:
+    ValueError: naming the field and the value.
+  """
+  for field in ("data.batch_size", "logging.log_every_steps",
+                "checkpoint.every_steps"):
+    section, name = field.split(".")
+    value = config[section][name]
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{field}={value!r} must be a positive integer")
+  if config.head.name not in heads.HEAD_KINDS:
+    raise ValueError(f"unknown head.name {config.head.name!r}; choose one "
+                     f"of {heads.HEAD_KINDS}")
+  if config.data.corrupt_records not in pipeline.CORRUPT_RECORDS:
+    raise ValueError(
+        f"data.corrupt_records={config.data.corrupt_records!r}; choose one "
+        f"of {pipeline.CORRUPT_RECORDS}")
+  model_lib.create_backbone(config.model)  # Raises on unknown names, shapes.
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           stop: _StopRequest) -> TrainState:
+  check_config(config)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise FileExistsError(f"--workdir {workdir!r} is a file, not a folder")
+  new_workdir = not os.path.exists(workdir)
   os.makedirs(workdir, exist_ok=True)
   enable_compilation_cache(config.compilation_cache_dir)
-  index = builder.build_train_index(config.data, workdir)
+  try:
+    index = builder.build_train_index(config.data, workdir)
+  except (sources.DataError, FileNotFoundError, ValueError):
+    # Refused data: leave no empty run folder behind.
+    if new_workdir and not os.listdir(workdir):
+      os.rmdir(workdir)
+    raise
+  stop.stop_if_requested("building the model")
   num_classes = resolve_num_classes(config, index)
   # Recorded in config.json, so conversion and evaluation know the real
   # count when the config said 0 (from the data).
@@ -422,6 +478,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       workdir, config.checkpoint.max_to_keep)
   state = checkpointing.restore(manager, state, data_iterator, num_classes)
   start_step = int(jax.device_get(state.step))
+  stop.stop_if_requested(f"training step {start_step + 1}")
   if distributed.is_primary():
     write_config(config, workdir, start_step)
 
@@ -439,7 +496,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       host_keys=(pipeline.SKIPPED_RECORDS_KEY,))
   state = _run_loop(config, state, data_iterator, p_train_step, step_rng,
                     manager, reporter, start_step, durations.total_steps,
-                    mesh)
+                    stop)
   manager.wait_until_finished()
   manager.close()
   reporter.close()
@@ -447,8 +504,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
 
 def _run_loop(config, state, data_iterator, p_train_step, step_rng, manager,
-              reporter, start_step, total_steps, mesh):
-  """Steps from `start_step` to `total_steps`, logging and checkpointing."""
+              reporter, start_step, total_steps, stop):
+  """Steps from `start_step` to `total_steps`, logging and checkpointing;
+  stops with a checkpoint after the step in progress when `stop` is
+  requested."""
   log_every = config.logging.log_every_steps
   ckpt_every = config.checkpoint.every_steps
   pending_metrics = []
@@ -456,40 +515,39 @@ def _run_loop(config, state, data_iterator, p_train_step, step_rng, manager,
   logged_skipped = 0
   evaluator = eval_lib.TrainingEvaluator(
       config, os.path.dirname(os.fspath(manager.directory)))
-  with _StopRequest() as stop:
-    for step in range(start_step + 1, total_steps + 1):
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        # Already global device arrays (`DevicePrefetch`).
-        batch = next(data_iterator)
-        # Corrupt records left out so far (this process, a host array); the
-        # iterator's checkpointed state keeps the count.
-        skipped_records = int(batch.pop(pipeline.SKIPPED_RECORDS_KEY)[-1])
-        state, metrics = p_train_step(state, batch, step_rng)
-      pending_metrics.append(metrics)
-      reporter.tick(step)
+  for step in range(start_step + 1, total_steps + 1):
+    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      # Already global device arrays (`DevicePrefetch`).
+      batch = next(data_iterator)
+      # Corrupt records left out so far (this process, a host array); the
+      # iterator's checkpointed state keeps the count.
+      skipped_records = int(batch.pop(pipeline.SKIPPED_RECORDS_KEY)[-1])
+      state, metrics = p_train_step(state, batch, step_rng)
+    pending_metrics.append(metrics)
+    reporter.tick(step)
 
-      if step % log_every == 0 or step == total_steps or stop.requested:
-        # The only host synchronisation of the loop.
-        logged = [dict(m, skipped_records=skipped_records)
-                  for m in jax.device_get(pending_metrics)]
-        reporter.log_train(step, logged)
-        if skipped_records > logged_skipped:
-          reporter.message(f"{skipped_records} corrupt records skipped so far")
-          logged_skipped = skipped_records
-        pending_metrics = []
-      if step % ckpt_every == 0 or step == total_steps or stop.requested:
-        checkpointing.save(manager, state, data_iterator)
-      if not stop.requested and evaluator.is_due(step):
-        # Before the next step donates the state's buffers. The steps in
-        # flight count as training time; the evaluation's own does not.
-        jax.block_until_ready(state)
-        with reporter.paused():
-          evaluator.maybe_evaluate(step, state, reporter.message)
-      if stop.requested:
-        manager.wait_until_finished()
-        reporter.message(f"Stopped at step {step}; rerun the same command "
-                         "to resume.")
-        raise KeyboardInterrupt(f"training stopped at step {step}")
+    if step % log_every == 0 or step == total_steps or stop.requested:
+      # The only host synchronisation of the loop.
+      logged = [dict(m, skipped_records=skipped_records)
+                for m in jax.device_get(pending_metrics)]
+      reporter.log_train(step, logged)
+      if skipped_records > logged_skipped:
+        reporter.message(f"{skipped_records} corrupt records skipped so far")
+        logged_skipped = skipped_records
+      pending_metrics = []
+    if step % ckpt_every == 0 or step == total_steps or stop.requested:
+      checkpointing.save(manager, state, data_iterator)
+    if not stop.requested and evaluator.is_due(step):
+      # Before the next step donates the state's buffers. The steps in
+      # flight count as training time; the evaluation's own does not.
+      jax.block_until_ready(state)
+      with reporter.paused():
+        evaluator.maybe_evaluate(step, state, reporter.message)
+    if stop.requested:
+      manager.wait_until_finished()
+      reporter.message(f"Stopped at step {step}; rerun the same command "
+                       "to resume.")
+      raise KeyboardInterrupt(f"training stopped at step {step}")
   if start_step >= total_steps:
     reporter.message(
         f"Nothing to train: the checkpoint is at step {start_step} of "

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -157,6 +158,49 @@ def test_changed_model_does_not_destroy_checkpoints(faces, tmp_path):
     eval_lib.evaluate(config, workdir, step=3)
 
 
+def test_interrupt_during_set_up_stops_cleanly(faces, tmp_path,
+                                               monkeypatch):
+  """A Ctrl-C while the data is indexed lets that stage finish, then stops
+  before anything is compiled (an exception inside XLA's compiler would
+  crash the exiting interpreter)."""
+  from data_pipeline import builder  # pylint: disable=g-import-not-at-top
+  build = builder.build_train_index
+
+  def build_then_interrupt(*args):
+    index = build(*args)
+    os.kill(os.getpid(), signal.SIGINT)
+    return index
+
+  monkeypatch.setattr(builder, "build_train_index", build_then_interrupt)
+  workdir = tmp_path / "run"
+  with pytest.raises(KeyboardInterrupt, match="before building the model"):
+    train_lib.train(_tiny_config(faces[0]), str(workdir))
+  assert not os.path.exists(checkpointing.checkpoint_dir(str(workdir)))
+  # The handlers are restored: a later Ctrl-C interrupts as usual.
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_interrupt_during_training_saves_the_step_and_resumes(
+    faces, tmp_path, monkeypatch):
+  from adaface_jax import reporting  # pylint: disable=g-import-not-at-top
+  tick = reporting.Reporter.tick
+
+  def tick_then_interrupt(self, step):
+    tick(self, step)
+    if step == 1:
+      os.kill(os.getpid(), signal.SIGINT)
+
+  config = _tiny_config(faces[0])
+  workdir = str(tmp_path / "run")
+  monkeypatch.setattr(reporting.Reporter, "tick", tick_then_interrupt)
+  with pytest.raises(KeyboardInterrupt, match="training stopped at step 1"):
+    train_lib.train(config, workdir)
+  assert os.listdir(checkpointing.checkpoint_dir(workdir)) == ["1"]
+
+  monkeypatch.setattr(reporting.Reporter, "tick", tick)
+  assert int(train_lib.train(config, workdir).step) == 4
+
+
 def _run_script(*args):
   return subprocess.run(
       [sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -182,9 +226,31 @@ def test_cli_rejects_config_typo(tmp_path):
   assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("flag, message", [
+    ("--config=configs/nowhere.py",
+     "Error: --config: cannot load the config file: [Errno 2] No such file "
+     "or directory: 'configs/nowhere.py'"),
+    ("--config.data.batch_size=0",
+     "Error: data.batch_size=0 must be a positive integer"),
+    ("--config.head.name=sphereface",
+     "Error: unknown head.name 'sphereface'; choose one of ('adaface', "
+     "'cosface', 'arcface')"),
+])
+def test_cli_bad_settings_fail_in_one_line_writing_nothing(
+    tmp_path, flag, message):
+  workdir = tmp_path / "run"
+  result = _run_script("train.py", "--config", "configs/synthetic.py", flag,
+                       "--workdir", str(workdir))
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == [message]
+  assert not workdir.exists()
+
+
 def test_cli_missing_data_root_is_named(tmp_path):
   result = _run_script("train.py", "--config", "configs/adaface_ir101.py",
                        "--workdir", str(tmp_path / "run"),
                        f"--config.data.root={tmp_path}/nowhere")
   assert result.returncode != 0
   assert "data.root" in result.stderr and "nowhere" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "run").exists()
