@@ -809,8 +809,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   """Runs the command line; argv excludes the program name."""
   args = _parse_args(argv)
   if args.command == "to-torch":
-    config_spec = args.config or os.path.join(
-        resolve_checkpoint_path(args.checkpoint, args.step)[0], "config.json")
+    workdir = resolve_checkpoint_path(args.checkpoint, args.step)[0]
+    if not os.path.isdir(checkpointing.checkpoint_dir(workdir)):
+      raise FileNotFoundError(
+          f"--checkpoint {args.checkpoint!r}: no checkpoints in "
+          f"{checkpointing.checkpoint_dir(workdir)!r}")
+    config_spec = args.config or os.path.join(workdir, "config.json")
     export_checkpoint(args.checkpoint, load_config(config_spec), args.output,
                       args.backbone_output, args.step)
   else:

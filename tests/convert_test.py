@@ -280,6 +280,15 @@ def test_cli_to_torch_writes_released_layout(tiny_run, tmp_path):
   assert list(bare_state_dict) == [k for k, _, _ in layout]
 
 
+def test_cli_to_torch_names_a_missing_checkpoint(tmp_path):
+  missing = tmp_path / "no_run"
+  with pytest.raises(FileNotFoundError,
+                     match=r"--checkpoint .*no_run.*: no checkpoints in"):
+    convert.main(["to-torch", "--checkpoint", str(missing), "--output",
+                  str(tmp_path / "model.ckpt")])
+  assert not (tmp_path / "model.ckpt").exists()
+
+
 def test_cli_round_trip_restores_training_and_evaluates(tiny_run, tmp_path):
   pytest.importorskip("torch")
   ckpt, out = tmp_path / "model.ckpt", tmp_path / "converted"
