@@ -1,6 +1,7 @@
 """Training: the train state, one jitted step, and the loop around it."""
 
 import collections
+import dataclasses
 import functools
 import os
 import signal
@@ -415,6 +416,49 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   model_lib.create_backbone(config.model)  # Raises on unknown names, shapes.
 
 
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What a run's train step is built from."""
+
+  mesh: jax.sharding.Mesh
+  durations: optim.Durations
+  learning_rate_fn: optax.Schedule
+  state: TrainState  # Initial, sharded over `mesh`.
+  margin_loss: Any  # (params, embeddings, norms, labels, stats) -> loss.
+
+
+def create_setup(config: ml_collections.ConfigDict, num_examples: int,
+                 num_classes: int, init_rng: jax.Array) -> Setup:
+  """The mesh, schedule, initial state and loss of a run.
+
+  Args:
+    config: the run's config.
+    num_examples: images in one epoch of the data (for the schedule).
+    num_classes: identities; the kernel gets equal class blocks per device,
+      padding columns masked out of the softmax.
+    init_rng: key of the parameters' initialisation.
+  """
+  mesh = sharding_lib.create_mesh(config.mesh)
+  if config.data.batch_size % mesh.size:
+    raise ValueError(
+        f"data.batch_size={config.data.batch_size} is not divisible by the "
+        f"{mesh.size} devices of the mesh")
+  durations = optim.resolve_durations(
+      config.schedule, num_examples, config.data.batch_size)
+  learning_rate_fn = optim.create_learning_rate_fn(
+      config.optimizer.lr, durations, config.schedule.lr_decay_factor)
+
+  model = model_lib.create_model(
+      config, sharding_lib.padded_class_count(num_classes, mesh))
+  model = with_remat(model, config.model.remat)
+  tx = optim.create_optimizer(config.optimizer, learning_rate_fn)
+  state = create_train_state(model, tx, init_rng, config.data.image_size,
+                             mesh)
+  margin_loss = create_margin_loss(
+      config, num_classes, config.data.batch_size).loss_fn(mesh)
+  return Setup(mesh, durations, learning_rate_fn, state, margin_loss)
+
+
 def _train(config: ml_collections.ConfigDict, workdir: str,
            stop: _StopRequest) -> TrainState:
   check_config(config)
@@ -437,30 +481,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   config = config.copy_and_resolve_references()
   config.head.num_classes = num_classes
 
-  mesh = sharding_lib.create_mesh(config.mesh)
+  init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+  setup = create_setup(config, len(index), num_classes, init_rng)
+  mesh, durations, state = setup.mesh, setup.durations, setup.state
   process_count = jax.process_count()
-  if config.data.batch_size % mesh.size:
-    raise ValueError(
-        f"data.batch_size={config.data.batch_size} is not divisible by the "
-        f"{mesh.size} devices of the mesh")
   local_batch_size = config.data.batch_size // process_count
-  durations = optim.resolve_durations(
-      config.schedule, len(index), config.data.batch_size)
-  learning_rate_fn = optim.create_learning_rate_fn(
-      config.optimizer.lr, durations, config.schedule.lr_decay_factor)
-
-  # The kernel gets equal class blocks per device; the padding columns are
-  # masked out of the softmax.
-  model = model_lib.create_model(
-      config, sharding_lib.padded_class_count(num_classes, mesh))
-  model = with_remat(model, config.model.remat)
-  tx = optim.create_optimizer(config.optimizer, learning_rate_fn)
-  rng = jax.random.key(config.seed)
-  init_rng, step_rng = jax.random.split(rng)
-  state = create_train_state(model, tx, init_rng, config.data.image_size,
-                             mesh)
-  margin_loss = create_margin_loss(
-      config, num_classes, config.data.batch_size).loss_fn(mesh)
 
   worker_count = config.data.worker_count
   if worker_count < 0:
@@ -489,7 +514,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   reporter.describe_run(config, index, num_classes, state, start_step, mesh)
 
   p_train_step = CompileOnFirstCall(
-      compile_train_step(learning_rate_fn, margin_loss, mesh, state),
+      compile_train_step(setup.learning_rate_fn, setup.margin_loss, mesh,
+                         state),
       "train step", reporter.message)
   data_iterator = DevicePrefetch(
       data_iterator, mesh, config.data.device_prefetch,

@@ -38,8 +38,6 @@ import jax
 import numpy as np
 
 from adaface_jax import host_memory
-from adaface_jax import model as model_lib
-from adaface_jax import optim
 from adaface_jax import reporting
 from adaface_jax import sharding as sharding_lib
 from adaface_jax import train_lib
@@ -77,20 +75,11 @@ def pure_step_images_per_second(config, data_root: str, steps: int) -> float:
   """The loop's own step, without the loop: one device batch, back to back."""
   index = builder.build_train_index(config.data, data_root)
   num_classes = index.num_identities
-  mesh = sharding_lib.create_mesh(config.mesh)
-  durations = optim.resolve_durations(
-      config.schedule, len(index), config.data.batch_size)
-  lr_fn = optim.create_learning_rate_fn(
-      config.optimizer.lr, durations, config.schedule.lr_decay_factor)
-  model = model_lib.create_model(
-      config, sharding_lib.padded_class_count(num_classes, mesh))
-  model = train_lib.with_remat(model, config.model.remat)
-  tx = optim.create_optimizer(config.optimizer, lr_fn)
-  state = train_lib.create_train_state(
-      model, tx, jax.random.key(0), config.data.image_size, mesh)
-  margin_loss = train_lib.create_margin_loss(
-      config, num_classes, config.data.batch_size).loss_fn(mesh)
-  step = train_lib.compile_train_step(lr_fn, margin_loss, mesh, state)
+  setup = train_lib.create_setup(config, len(index), num_classes,
+                                 jax.random.key(0))
+  mesh, state = setup.mesh, setup.state
+  step = train_lib.compile_train_step(
+      setup.learning_rate_fn, setup.margin_loss, mesh, state)
 
   rng = np.random.default_rng(0)
   size = config.data.image_size

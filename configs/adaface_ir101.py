@@ -3,7 +3,8 @@
 Batch 512, SGD lr 0.1 (momentum 0.9, weight decay 5e-4), x0.1 at epochs 12,
 20 and 24 of 26, AdaFace m=0.4, h=0.333, s=64, t_alpha=0.01, 85,742
 identities, and the three AdaFace augmentations (crop, low resolution,
-photometric) each on a coin of 0.2, as the reference's scripts set them. Point data.root at the extracted MS1MV2 image folders:
+photometric) each on a coin of 0.2, as the reference's scripts set them.
+Point data.root at the extracted MS1MV2 image folders:
 
   python train.py --config configs/adaface_ir101.py \
       --config.data.root=/data/ms1mv2/imgs --workdir runs/ir101_ms1mv2

@@ -4,6 +4,8 @@ import math
 
 import cv2
 import numpy as np
+from PIL import Image
+from PIL import ImageEnhance
 import pytest
 
 from configs import common
@@ -186,12 +188,11 @@ def test_jitter_equals_pil_enhancers_byte_for_byte():
   """The numpy enhancers against PIL's own, which the reference calls: real
   and random images, factors inside and outside [0, 1] (PIL interpolates
   in one branch and extrapolates with clipping in the other)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from PIL import ImageEnhance  # pylint: disable=g-import-not-at-top
-
-  pairs = ((augment._brightness, ImageEnhance.Brightness),  # pylint: disable=protected-access
-           (augment._contrast, ImageEnhance.Contrast),  # pylint: disable=protected-access
-           (augment._saturation, ImageEnhance.Color))  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  pairs = ((augment._brightness, ImageEnhance.Brightness),
+           (augment._contrast, ImageEnhance.Contrast),
+           (augment._saturation, ImageEnhance.Color))
+  # pylint: enable=protected-access
   rng = np.random.default_rng(0)
   images = [_face(seed) for seed in range(4)]
   # Low-contrast images put many values near the clipping bounds.
